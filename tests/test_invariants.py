@@ -1,0 +1,92 @@
+"""The episode-boundary invariants of DESIGN section 5, for every script, on real observations.
+
+1. Chunking: one call over [0, T) equals [0, k) then [k, T) with the returned state.
+2. Reset: from a start at k on, outputs equal a fresh `initial_state` run on the suffix, whatever came before.
+3. Rollout/training agreement: T calls of one step equal one call over T steps (and, in a real run,
+   summary.json's `first_minibatch_ratio_error` is below 1e-5: see test_training.py).
+"""
+
+import numpy as np
+import pytest
+import torch
+from conftest import DOMAINS, TINY
+
+STEPS, ENVS, ATOL = 12, 3, 1e-5
+CPU = torch.device("cpu")
+
+
+def rollout_batch(module, domain: str, seed: int = 0):
+    """An agent and a real [STEPS, ENVS] trajectory with starts anywhere inside (and at 0)."""
+    torch.manual_seed(seed)
+    args = module.parse_args([*DOMAINS[domain], *TINY, "--num-envs", str(ENVS), "--num-minibatches", "1"])
+    envs = module.make_envs(args, "test")
+    agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
+    obs_np, _ = envs.reset(seed=seed)
+    observations, actions = [], []
+    for _ in range(STEPS):
+        observations.append(obs_np)
+        action = envs.action_space.sample()
+        actions.append(action)
+        obs_np, *_ = envs.step(action)
+    envs.close()
+    generator = torch.Generator().manual_seed(seed)
+    starts = (torch.rand(STEPS, ENVS, generator=generator) < 0.25).float()
+    starts[0] = 1
+    return agent, torch.as_tensor(np.stack(observations)), starts, torch.as_tensor(np.stack(actions))
+
+
+def outputs(agent, obs, state, starts, actions):
+    with torch.no_grad():
+        _, logprob, entropy, value, state = agent.get_action_and_value(obs, state, starts, actions)
+    return torch.stack([logprob, entropy, value]), state
+
+
+def assert_states_close(a, b):
+    if a is None or b is None:
+        assert a is None and b is None
+        return
+    for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,), strict=True):
+        torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+def warm_state(agent, obs, starts, actions):
+    """A state that has seen other observations: the invariants must hold from any state, not just zeros."""
+    _, state = outputs(agent, obs.flip(0), agent.initial_state(ENVS, CPU), starts, actions.flip(0))
+    return state
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("split", [1, 5, STEPS - 1])
+def test_chunking(module, domain, split):
+    agent, obs, starts, actions = rollout_batch(module, domain)
+    starts[0] = 0  # continue from a warm state
+    state = warm_state(agent, obs, starts, actions)
+    whole, whole_state = outputs(agent, obs, state, starts, actions)
+    first, mid_state = outputs(agent, obs[:split], state, starts[:split], actions[:split])
+    second, end_state = outputs(agent, obs[split:], mid_state, starts[split:], actions[split:])
+    torch.testing.assert_close(torch.cat([first, second], dim=1), whole, atol=ATOL, rtol=0)
+    assert_states_close(end_state, whole_state)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+@pytest.mark.parametrize("start", [3, 8])
+def test_reset_at_a_start_forgets_everything_before(module, domain, start):
+    agent, obs, starts, actions = rollout_batch(module, domain)
+    starts[start] = 1
+    fresh, _ = outputs(agent, obs[start:], agent.initial_state(ENVS, CPU), starts[start:], actions[start:])
+    for prefix_state in (agent.initial_state(ENVS, CPU), warm_state(agent, obs, starts, actions)):
+        other_prefix = obs[:start].flip(0)  # a different history before the start
+        whole, _ = outputs(agent, torch.cat([other_prefix, obs[start:]]), prefix_state, starts, actions)
+        torch.testing.assert_close(whole[:, start:], fresh, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_one_step_calls_equal_one_sequence_call(module, domain):
+    agent, obs, starts, actions = rollout_batch(module, domain)
+    whole, whole_state = outputs(agent, obs, agent.initial_state(ENVS, CPU), starts, actions)
+    state, steps = agent.initial_state(ENVS, CPU), []
+    for t in range(STEPS):
+        step, state = outputs(agent, obs[t : t + 1], state, starts[t : t + 1], actions[t : t + 1])
+        steps.append(step)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=ATOL, rtol=0)
+    assert_states_close(state, whole_state)

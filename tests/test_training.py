@@ -1,0 +1,127 @@
+"""Tiny real runs: every domain ends complete; the outputs of DESIGN section 8; failure, interruption and
+resume, determinism (section 11)."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DOMAINS, TINY, run_script
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+SUMMARY_FIELDS = {
+    "script", "arch", "env_id", "domain", "seed", "args", "global_step", "total_timesteps", "wall_s", "sps",
+    "rollout_sps", "update_sps", "inference_latency_ms", "cpu_rss_gb", "gpu_mem_allocated_gb",
+    "gpu_mem_reserved_gb", "params", "final_return_mean", "return_curve", "versions", "kernel", "device",
+    "first_minibatch_ratio_error", "status", "reason",
+}  # fmt: skip
+TENSORBOARD_KEYS = {
+    "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
+    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
+    "losses/clipfrac", "losses/explained_variance", "perf/rollout_sps", "perf/update_sps",
+    "perf/inference_latency_ms", "perf/cpu_rss_gb", "debug/first_minibatch_ratio_error",
+}  # fmt: skip
+TIMING_FIELDS = {"wall_s", "sps", "rollout_sps", "update_sps", "inference_latency_ms", "cpu_rss_gb", "run_name"}
+
+
+def train(module, argv, cwd: Path, monkeypatch) -> tuple[Path, dict]:
+    monkeypatch.chdir(cwd)
+    module.main(module.parse_args(argv))
+    (run_dir,) = (cwd / "runs").iterdir()
+    return run_dir, json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_tiny_run_completes_in_every_domain(module, script, domain, tmp_path, monkeypatch):
+    run_dir, summary = train(module, [*DOMAINS[domain], *TINY], tmp_path, monkeypatch)
+    assert summary["status"] == "complete" and summary["reason"] is None
+    assert summary.keys() >= SUMMARY_FIELDS
+    assert summary["script"] == script.name and summary["domain"] == domain.split("-")[0]
+    assert summary["global_step"] == 64 == summary["args"]["num_iterations"] * summary["args"]["batch_size"]
+    assert summary["params"] > 0 and summary["inference_latency_ms"] > 0 and summary["cpu_rss_gb"] > 0
+    assert summary["versions"]["torch"] == torch.__version__
+    # Invariant 3 in real training: the first minibatch's ratios are 1 before any gradient step.
+    assert summary["first_minibatch_ratio_error"] < 1e-5
+    assert run_dir.name.startswith(DOMAINS[domain][1].replace("/", "_") + "__")
+    with open(run_dir / summary["return_curve"]) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["global_step", "episodic_return", "episodic_length"]
+    assert len(rows) - 1 == summary["episodes"]
+
+
+def test_tensorboard_keys_and_return_curve(module, tmp_path, monkeypatch):
+    argv = ["--env-id", "CartPole-v1", "--num-envs", "4", "--num-minibatches", "2", "--total-timesteps", "2048"]
+    run_dir, summary = train(module, argv, tmp_path, monkeypatch)
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert set(events.Tags()["scalars"]) >= TENSORBOARD_KEYS
+    returns = [event.value for event in events.Scalars("charts/episodic_return")]
+    assert len(returns) == summary["episodes"] > 10
+    # Real returns, not normalised ones: CartPole pays 1 per step, so a return is the episode's length.
+    lengths = [event.value for event in events.Scalars("charts/episodic_length")]
+    assert returns == lengths
+    assert summary["final_return_mean"] == pytest.approx(sum(returns[-100:]) / len(returns[-100:]))
+
+
+def test_a_budget_below_one_batch_still_makes_one_update(module, tmp_path, monkeypatch):
+    _, summary = train(module, [*DOMAINS["classic"], *TINY, "--total-timesteps", "1"], tmp_path, monkeypatch)
+    assert summary["status"] == "complete" and summary["global_step"] == 32
+
+
+def test_same_seed_same_summary(module, tmp_path, monkeypatch):
+    argv = [*DOMAINS["classic"], *TINY, "--total-timesteps", "256", "--torch-deterministic"]
+    summaries = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        _, summary = train(module, argv, tmp_path / name, monkeypatch)
+        summaries.append({k: v for k, v in summary.items() if k not in TIMING_FIELDS})
+    assert summaries[0] == summaries[1]
+    assert summaries[0]["episodes"] > 0
+
+
+def test_non_finite_loss_fails_the_run_and_says_why(module, tmp_path, monkeypatch):
+    original = module.Agent.get_action_and_value
+
+    def poisoned(self, obs, state, starts, action=None):
+        action, logprob, entropy, value, state = original(self, obs, state, starts, action)
+        return action, logprob, entropy, value * float("nan"), state
+
+    monkeypatch.setattr(module.Agent, "get_action_and_value", poisoned)
+    with pytest.raises(FloatingPointError, match="non-finite loss"):
+        train(module, [*DOMAINS["classic"], *TINY], tmp_path, monkeypatch)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite loss" in summary["reason"]
+
+
+def test_sigterm_checkpoints_and_resume_reaches_the_same_total(script, tmp_path):
+    argv = ["--env-id", "CartPoleNoVel-v1", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2"]
+    argv += ["--total-timesteps", "60000", "--checkpoint-interval", "100000"]
+    process = subprocess.Popen(
+        [sys.executable, str(script), *argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in process.stdout:  # the first progress line comes after the first full update
+        if line.startswith("step"):
+            break
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
+    assert 0 < summary["global_step"] < 60000 and summary["global_step"] % 128 == 0
+    assert (run_dir / "checkpoint.pt").is_file()
+    assert "--resume" in stderr
+
+    resumed = run_script(script, "--resume", str(run_dir.relative_to(tmp_path)), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"at step {summary['global_step']:,}" in resumed.stdout
+    final = json.loads((run_dir / "summary.json").read_text())
+    assert final["status"] == "complete"
+    assert final["global_step"] == 60032  # ceil(60000 / 128) updates of 128 steps
+    assert final["episodes"] > summary["episodes"]
+    assert final["args"] == summary["args"] | {"resume": str(run_dir.relative_to(tmp_path))}
+    assert list(tmp_path.iterdir()) == [tmp_path / "runs"]

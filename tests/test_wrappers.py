@@ -1,0 +1,95 @@
+"""Environment wrappers: velocity masking, the MiniGrid view, Atari's life loss (DESIGN section 4)."""
+
+import numpy as np
+import pytest
+from conftest import DOMAINS, TINY
+
+
+def single_env(module, *argv):
+    args = module.parse_args([*argv, *TINY])
+    return args, module.make_env(args, 0, "")()
+
+
+@pytest.mark.parametrize(("env_id", "masked"), [("CartPoleNoVel-v1", [1, 3]), ("LunarLanderNoVel-v3", [2, 3, 5])])
+def test_masked_indices_are_zero_and_others_are_not(module, env_id, masked):
+    _, env = single_env(module, "--env-id", env_id)
+    observations = [env.reset(seed=0)[0]]
+    for _ in range(30):
+        obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        observations.append(obs)
+        if terminated or truncated:
+            break
+    observations = np.array(observations)
+    assert observations.shape[1] == env.unwrapped.observation_space.shape[0]  # the shape is kept
+    assert (observations[:, masked] == 0).all()
+    visible = [i for i in range(observations.shape[1]) if i not in masked and i < 6]  # 6, 7: LunarLander legs
+    assert (np.abs(observations[:, visible]).max(axis=0) > 0).all()
+
+
+def test_masked_indices_flag_on_any_box_env(module):
+    args, env = single_env(module, "--env-id", "CartPole-v1", "--masked-indices", "0", "2")
+    assert args.masked_indices == (0, 2)
+    obs, _ = env.reset(seed=0)
+    for _ in range(5):
+        obs, *_ = env.step(0)
+        assert obs[0] == 0 and obs[2] == 0 and obs[1] != 0
+
+
+def test_unmasked_cartpole_sees_velocity(module):
+    args, env = single_env(module, "--env-id", "CartPole-v1")
+    assert args.masked_indices == ()
+    env.reset(seed=0)
+    obs, *_ = env.step(0)
+    assert obs[1] != 0 and obs[3] != 0
+
+
+@pytest.mark.parametrize("obs_kind", ["rgb", "symbolic"])
+def test_minigrid_view_three_and_time_limit_96(module, obs_kind):
+    _, env = single_env(module, *DOMAINS["minigrid-rgb"], "--minigrid-obs", obs_kind)
+    assert env.unwrapped.agent_view_size == 3
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == ((3, 84, 84) if obs_kind == "rgb" else (3, 3, 3))
+    if obs_kind == "symbolic":  # the agent sits at the bottom centre of its own view
+        assert obs.max() < 11
+    done_action = env.unwrapped.actions.done  # does nothing in MemoryS11: only the clock runs
+    for step in range(1, 97):
+        _, _, terminated, truncated, _ = env.step(done_action)
+        assert not terminated
+        assert truncated == (step == 96)
+
+
+def test_minigrid_rgb_is_the_partial_view_in_pixels(module):
+    _, env = single_env(module, *DOMAINS["minigrid-rgb"])
+    obs, _ = env.reset(seed=0)
+    assert obs.dtype == np.uint8 and obs.shape == (3, 84, 84)
+    np.testing.assert_array_equal(obs, np.transpose(env.unwrapped.get_frame(tile_size=28, agent_pov=True), (2, 0, 1)))
+
+
+def test_frame_stack(module):
+    _, env = single_env(module, "--env-id", "CartPoleNoVel-v1", "--frame-stack", "4")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (16,)
+    next_obs, *_ = env.step(0)
+    np.testing.assert_array_equal(next_obs[:12], obs[4:])  # oldest first: the window slides by one frame
+    _, env = single_env(module, *DOMAINS["atari"], "--frame-stack", "4")
+    assert env.reset(seed=0)[0].shape == (4, 84, 84)
+
+
+def test_atari_life_loss_ends_the_training_episode_not_the_game(module):
+    _, env = single_env(module, *DOMAINS["atari"])
+    ale = env.unwrapped.ale
+    assert env.unwrapped._frameskip == 1  # frame skip is applied once, by AtariPreprocessing
+    env.reset(seed=0)
+    lives = ale.lives()
+    rng = np.random.default_rng(0)
+    terminated = False
+    info = {}
+    while not terminated:
+        _, reward, terminated, _truncated, info = env.step(int(rng.integers(4)))
+        assert reward in (0.0, 1.0)  # clipped
+    assert ale.lives() == lives - 1 and not ale.game_over()
+    assert "episode" not in info  # the game's episode statistics wait for the real end
+    frame_before = ale.getFrameNumber()
+    env.reset()
+    assert ale.getFrameNumber() > frame_before  # not a new game: the frame counter keeps running
+    assert ale.lives() == lives - 1
