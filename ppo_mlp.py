@@ -19,6 +19,7 @@ trunk (section 6) and the domain-defaults table (section 4) are what a script ma
 import csv
 import dataclasses
 import importlib.metadata
+import importlib.util
 import json
 import math
 import os
@@ -165,7 +166,7 @@ DOMAIN_DEFAULTS = {
     ),
     "classic": dict(
         total_timesteps=500_000, learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
-        update_epochs=4, clip_coef=0.2, ent_coef=0.01, hidden_size=64,
+        update_epochs=10, clip_coef=0.2, ent_coef=0.01, hidden_size=128,
     ),
     "minigrid": dict(
         total_timesteps=1_000_000, learning_rate=2.5e-4, num_envs=16, num_steps=128, num_minibatches=4,
@@ -226,6 +227,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         fail("--learning-rate and --minigrid-max-steps must be positive")
     if args.track and wandb is None:
         fail("--track needs Weights and Biases: pip install wandb")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        fail("--capture-video needs moviepy: pip install moviepy")
     try:
         env = make_env(args, 0, "")()
     except ValueError as error:  # an env option the env cannot take
@@ -295,9 +298,6 @@ def make_env(args: Args, index: int, run_name: str):
             elif len(shape) == 2 and args.domain != "atari":  # vectors: [frames * size]
                 env = gym.wrappers.FlattenObservation(env)
         if args.domain in ("mujoco", "classic"):
-            # Returns of hundreds swamp the trunk the policy shares with the value head: scale them to about 1.
-            env = gym.wrappers.NormalizeReward(env, gamma=args.gamma)
-            env = gym.wrappers.TransformReward(env, lambda reward: np.clip(reward, -10, 10))
             env = gym.wrappers.DtypeObservation(env, np.float32)
         return env
 
@@ -314,32 +314,42 @@ def channels_first(env: gym.Env) -> gym.Env:
 def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     """Same-step autoreset: the observation returned with a done is already the next episode's first, so
     `starts[t + 1] = terminated | truncated`, and the last observation is in `info["final_obs"]`."""
-    return gym.vector.SyncVectorEnv(
+    envs = gym.vector.SyncVectorEnv(
         [make_env(args, i, run_name) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
+    if args.domain in ("mujoco", "classic"):
+        # Returns of hundreds would swamp the trunk that the policy shares with the value head: scale them to
+        # about 1. The vector wrapper updates its statistics once per step for all envs, not once per env.
+        envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
+        envs = gym.wrappers.vector.ClipReward(envs, -10.0, 10.0)
+    return envs
 
 
-def env_statistics(envs: gym.vector.SyncVectorEnv) -> list[dict]:
-    """The running normalisation statistics of each env (MuJoCo), so a resumed run sees the same scaling."""
-    stats = []
+def wrapper_chains(envs: gym.vector.VectorEnv) -> list[list]:
+    """Every wrapper around and inside the vector env, as one chain for the vector env and one per env."""
+    chains = [[]]
+    while isinstance(envs, gym.vector.VectorWrapper):
+        chains[0].append(envs)
+        envs = envs.env
     for env in envs.envs:
-        found = {}
+        chains.append([])
         while isinstance(env, gym.Wrapper):
-            for name in ("obs_rms", "return_rms"):
-                if hasattr(env, name):
-                    found[name] = getattr(env, name)
+            chains[-1].append(env)
             env = env.env
-        stats.append(found)
-    return stats
+    return chains
 
 
-def load_env_statistics(envs: gym.vector.SyncVectorEnv, stats: list[dict]):
-    for env, found in zip(envs.envs, stats, strict=True):
-        while isinstance(env, gym.Wrapper):
-            for name in found:
-                if hasattr(env, name):
-                    setattr(env, name, found[name])
-            env = env.env
+def env_statistics(envs: gym.vector.VectorEnv) -> list[list[dict]]:
+    """The running normalisation statistics, so a resumed run sees the same scaling."""
+    names = ("obs_rms", "return_rms")
+    return [[{n: getattr(w, n) for n in names if hasattr(w, n)} for w in chain] for chain in wrapper_chains(envs)]
+
+
+def load_env_statistics(envs: gym.vector.VectorEnv, stats: list[list[dict]]):
+    for chain, chain_stats in zip(wrapper_chains(envs), stats, strict=True):
+        for wrapper, found in zip(chain, chain_stats, strict=True):
+            for name, value in found.items():
+                setattr(wrapper, name, value)
     # <<< shared: environments
 
 
@@ -773,7 +783,7 @@ def main(args: Args) -> None:
                 print(f"step {global_step:>10,}/{args.num_iterations * args.batch_size:,} | {sps:7,.0f} SPS | "
                       f"return {sum(recent) / len(recent) if recent else float('nan'):8.2f} | "
                       f"{time.strftime('%H:%M:%S', time.gmtime(left))} left", flush=True)  # fmt: skip
-            if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations or stop_signals:
+            if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations:
                 save_checkpoint()
                 write_summary("running")
             if stop_signals:

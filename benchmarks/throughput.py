@@ -58,19 +58,23 @@ def main():
     template = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(template)
 
-    print("| config | script | envs | random-policy SPS | PPO SPS | ratio | rollout SPS | update SPS "
-          "| latency ms | peak RSS GB | params |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| config | script | envs | random-policy SPS | PPO SPS | ratio | rollout SPS | update SPS | update share "
+          "| latency ms | forward share of rollout | peak RSS GB | params |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in options.configs:
         flags, updates = CONFIGS[name]
         ceiling = random_policy_sps(template, flags)
         for script in options.scripts:
             args = template.parse_args(flags)
             s = ppo_summary(ROOT / script, flags, updates, args.batch_size)
+            # Where the time goes: the update's share of a PPO iteration, and the network's share of the rollout
+            # (one batched forward per env step against the time of that whole step).
+            update_share = s["rollout_sps"] / (s["rollout_sps"] + s["update_sps"])
+            forward_share = s["inference_latency_ms"] / 1e3 / (args.num_envs / s["rollout_sps"])
             print(
                 f"| {name} | {script} | {args.num_envs} | {ceiling:,.0f} | {s['sps']:,.0f} | {s['sps'] / ceiling:.2f} "
-                f"| {s['rollout_sps']:,.0f} | {s['update_sps']:,.0f} | {s['inference_latency_ms']:.3f} "
-                f"| {s['cpu_rss_gb']:.2f} | {s['params']:,} |",
+                f"| {s['rollout_sps']:,.0f} | {s['update_sps']:,.0f} | {update_share:.0%} "
+                f"| {s['inference_latency_ms']:.3f} | {forward_share:.0%} | {s['cpu_rss_gb']:.2f} | {s['params']:,} |",
                 flush=True,
             )
     print(f"\n{s['device']}; torch {s['versions']['torch']}, gymnasium {s['versions']['gymnasium']}")

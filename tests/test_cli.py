@@ -1,5 +1,7 @@
 """Bad input: one line on stderr, exit status 2, nothing written (DESIGN section 11)."""
 
+import importlib.util
+
 import pytest
 from conftest import DOMAINS, run_script
 
@@ -18,6 +20,10 @@ BAD_INPUT = {
     "unknown minigrid obs": ([*DOMAINS["minigrid-rgb"], "--minigrid-obs", "pixels"], "rgb or symbolic"),
     "frame stack below one": (["--frame-stack", "0"], "--frame-stack must be at least 1"),
 }
+if importlib.util.find_spec("wandb") is None:
+    BAD_INPUT["track without wandb"] = (["--track"], "pip install wandb")
+if importlib.util.find_spec("moviepy") is None:
+    BAD_INPUT["video without moviepy"] = (["--capture-video"], "pip install moviepy")
 
 
 @pytest.mark.parametrize("case", BAD_INPUT)

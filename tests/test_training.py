@@ -99,7 +99,7 @@ def test_non_finite_loss_fails_the_run_and_says_why(module, tmp_path, monkeypatc
 
 def test_sigterm_checkpoints_and_resume_reaches_the_same_total(script, tmp_path):
     argv = ["--env-id", "CartPoleNoVel-v1", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2"]
-    argv += ["--total-timesteps", "60000", "--checkpoint-interval", "100000"]
+    argv += ["--update-epochs", "1", "--total-timesteps", "20000", "--checkpoint-interval", "100000"]
     process = subprocess.Popen(
         [sys.executable, str(script), *argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
@@ -112,7 +112,7 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_total(script, tmp_path)
     (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
-    assert 0 < summary["global_step"] < 60000 and summary["global_step"] % 128 == 0
+    assert 0 < summary["global_step"] < 20000 and summary["global_step"] % 128 == 0
     assert (run_dir / "checkpoint.pt").is_file()
     assert "--resume" in stderr
 
@@ -121,7 +121,7 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_total(script, tmp_path)
     assert f"at step {summary['global_step']:,}" in resumed.stdout
     final = json.loads((run_dir / "summary.json").read_text())
     assert final["status"] == "complete"
-    assert final["global_step"] == 60032  # ceil(60000 / 128) updates of 128 steps
+    assert final["global_step"] == 20096  # ceil(20000 / 128) updates of 128 steps
     assert final["episodes"] > summary["episodes"]
     assert final["args"] == summary["args"] | {"resume": str(run_dir.relative_to(tmp_path))}
     assert list(tmp_path.iterdir()) == [tmp_path / "runs"]

@@ -1,5 +1,7 @@
 """Environment wrappers: velocity masking, the MiniGrid view, Atari's life loss (DESIGN section 4)."""
 
+import copy
+
 import numpy as np
 import pytest
 from conftest import DOMAINS, TINY
@@ -93,3 +95,22 @@ def test_atari_life_loss_ends_the_training_episode_not_the_game(module):
     env.reset()
     assert ale.getFrameNumber() > frame_before  # not a new game: the frame counter keeps running
     assert ale.lives() == lives - 1
+
+
+def test_normalisation_statistics_survive_a_checkpoint(module):
+    """A resumed run must scale observations and rewards as the interrupted one did."""
+    args = module.parse_args([*DOMAINS["mujoco"], *TINY])
+    envs = module.make_envs(args, "")
+    envs.reset(seed=0)
+    for _ in range(20):
+        envs.step(envs.action_space.sample())
+    saved = copy.deepcopy(module.env_statistics(envs))  # as a checkpoint round trip would give them back
+    fresh = module.make_envs(args, "")
+    module.load_env_statistics(fresh, saved)
+    for before, after in zip(module.env_statistics(envs), module.env_statistics(fresh), strict=True):
+        for wrapper_before, wrapper_after in zip(before, after, strict=True):
+            for name, rms in wrapper_before.items():
+                np.testing.assert_array_equal(rms.mean, wrapper_after[name].mean)
+                assert rms.count == wrapper_after[name].count > 20
+    names = {name for chain in saved for wrapper in chain for name in wrapper}
+    assert names == {"obs_rms", "return_rms"}
