@@ -157,8 +157,8 @@ TRUNK_SIZE_FIELDS = ("hidden_size", "num_layers")
 # ---------------------------------------------------------------------------------------------------------
 DOMAIN_DEFAULTS = {
     "mujoco": dict(
-        total_timesteps=1_000_000, learning_rate=3e-4, num_envs=8, num_steps=256, num_minibatches=4,
-        update_epochs=10, clip_coef=0.2, ent_coef=0.0, hidden_size=64,
+        total_timesteps=1_000_000, learning_rate=3e-4, num_envs=16, num_steps=128, num_minibatches=8,
+        update_epochs=10, clip_coef=0.2, ent_coef=0.0, hidden_size=128,
     ),
     "atari": dict(
         total_timesteps=10_000_000, learning_rate=2.5e-4, num_envs=16, num_steps=128, num_minibatches=8,
@@ -166,7 +166,7 @@ DOMAIN_DEFAULTS = {
     ),
     "classic": dict(
         total_timesteps=500_000, learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
-        update_epochs=10, clip_coef=0.2, ent_coef=0.01, hidden_size=128,
+        update_epochs=10, clip_coef=0.2, ent_coef=0.0, hidden_size=128,
     ),
     "minigrid": dict(
         total_timesteps=1_000_000, learning_rate=2.5e-4, num_envs=16, num_steps=128, num_minibatches=4,

@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {
     "cartpole": (["--env-id", "CartPole-v1"], 40),
-    "cartpole-novel": (["--env-id", "CartPoleNoVel-v1"], 40),
+    "cartpole-4-epochs": (["--env-id", "CartPole-v1", "--update-epochs", "4"], 40),  # CleanRL's epochs
+    "cartpole-novel-fs4": (["--env-id", "CartPoleNoVel-v1", "--frame-stack", "4"], 40),
     "halfcheetah": (["--env-id", "HalfCheetah-v4"], 10),
     "breakout": (["--env-id", "ALE/Breakout-v5"], 3),
     "memory-rgb": (["--env-id", "MiniGrid-MemoryS11-v0"], 3),
