@@ -3,6 +3,7 @@ resume, determinism (section 11)."""
 
 import csv
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -125,3 +126,31 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_total(script, tmp_path)
     assert final["episodes"] > summary["episodes"]
     assert final["args"] == summary["args"] | {"resume": str(run_dir.relative_to(tmp_path))}
     assert list(tmp_path.iterdir()) == [tmp_path / "runs"]
+
+
+def test_sigint_drops_the_partial_rollout_and_keeps_the_last_update(module, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a rollout: the checkpoint holds exactly the updates finished before it."""
+    make_envs = module.make_envs
+
+    def make_envs_interrupted_at_step_40(args, run_name):
+        envs = make_envs(args, run_name)
+        step, calls = envs.step, []
+
+        def step_then_interrupt(actions):
+            calls.append(actions)
+            if len(calls) == 40:  # 2 updates of 16 steps done, 8 steps into the third
+                os.kill(os.getpid(), signal.SIGINT)
+            return step(actions)
+
+        envs.step = step_then_interrupt
+        return envs
+
+    monkeypatch.setattr(module, "make_envs", make_envs_interrupted_at_step_40)
+    with pytest.raises(SystemExit) as exit_info:
+        train(module, [*DOMAINS["classic"], *TINY, "--total-timesteps", "3200"], tmp_path, monkeypatch)
+    assert exit_info.value.code == 128 + signal.SIGINT
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "SIGINT" in summary["reason"]
+    assert summary["global_step"] == 64
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["iteration"] == 2
