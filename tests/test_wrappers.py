@@ -87,7 +87,7 @@ def test_atari_life_loss_ends_the_training_episode_not_the_game(module):
     terminated = False
     info = {}
     while not terminated:
-        _, reward, terminated, _truncated, info = env.step(int(rng.integers(4)))
+        _, reward, terminated, _, info = env.step(int(rng.integers(4)))
         assert reward in (0.0, 1.0)  # clipped
     assert ale.lives() == lives - 1 and not ale.game_over()
     assert "episode" not in info  # the game's episode statistics wait for the real end
