@@ -187,10 +187,15 @@ def fail(message: str):
     sys.exit(2)
 
 
+def base_env_id(env_id: str) -> str:
+    """The registered env behind an id: CartPoleNoVel-v1 -> CartPole-v1; any other id is its own."""
+    return MASKED_ENVS[env_id][0] if env_id in MASKED_ENVS else env_id
+
+
 def env_domain(env_id: str) -> str:
     """The domain is read from the env's registration, never guessed from an observation shape."""
     try:
-        entry_point = str(gym.spec(MASKED_ENVS.get(env_id, (env_id,))[0]).entry_point)
+        entry_point = str(gym.spec(base_env_id(env_id)).entry_point)
     except gym.error.Error:
         fail(f"unknown env id {env_id!r}")
     for domain, marker in (("mujoco", "mujoco"), ("atari", "ale_py"), ("minigrid", "minigrid")):
@@ -213,7 +218,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.masked_indices is None:
-        args.masked_indices = MASKED_ENVS.get(args.env_id, (None, ()))[1]
+        args.masked_indices = MASKED_ENVS[args.env_id][1] if args.env_id in MASKED_ENVS else ()
     for name in SIZE_FIELDS + TRUNK_SIZE_FIELDS:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -263,7 +268,7 @@ def make_env(args: Args, index: int, run_name: str):
         elif args.domain == "minigrid":
             env = gym.make(args.env_id, agent_view_size=3, max_steps=args.minigrid_max_steps, render_mode=render_mode)
         else:
-            env = gym.make(MASKED_ENVS.get(args.env_id, (args.env_id,))[0], render_mode=render_mode)
+            env = gym.make(base_env_id(args.env_id), render_mode=render_mode)
         if render_mode:
             env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
         env = gym.wrappers.RecordEpisodeStatistics(env)
