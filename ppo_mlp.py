@@ -70,7 +70,7 @@ class Args:
     seed: int = 1
     """seed of the experiment"""
     torch_deterministic: bool = True
-    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    """if toggled, `torch.backends.cudnn.deterministic=True` and TF32 off (exact rollout/training agreement on GPUs)"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     track: bool = False
@@ -105,9 +105,9 @@ class Args:
     """the number of steps to run in each environment per policy rollout"""
     anneal_lr: bool = True
     """toggle learning rate annealing for policy and value networks"""
-    gamma: float = 0.99
+    gamma: float | None = None
     """the discount factor gamma"""
-    gae_lambda: float = 0.95
+    gae_lambda: float | None = None
     """the lambda for the general advantage estimation"""
     num_minibatches: int | None = None
     """the number of mini-batches (each holds whole environments' sequences)"""
@@ -158,19 +158,19 @@ TRUNK_SIZE_FIELDS = ("hidden_size", "num_layers")
 DOMAIN_DEFAULTS = {
     "mujoco": dict(
         total_timesteps=1_000_000, learning_rate=3e-4, num_envs=16, num_steps=128, num_minibatches=8,
-        update_epochs=10, clip_coef=0.2, ent_coef=0.0, hidden_size=128,
+        update_epochs=10, clip_coef=0.2, ent_coef=0.0, hidden_size=128, gamma=0.99, gae_lambda=0.95,
     ),
     "atari": dict(
         total_timesteps=10_000_000, learning_rate=2.5e-4, num_envs=16, num_steps=128, num_minibatches=8,
-        update_epochs=4, clip_coef=0.1, ent_coef=0.01, hidden_size=512,
+        update_epochs=4, clip_coef=0.1, ent_coef=0.01, hidden_size=512, gamma=0.99, gae_lambda=0.95,
     ),
     "classic": dict(
         total_timesteps=500_000, learning_rate=2.5e-4, num_envs=8, num_steps=128, num_minibatches=4,
-        update_epochs=10, clip_coef=0.2, ent_coef=0.0, hidden_size=128,
+        update_epochs=10, clip_coef=0.2, ent_coef=0.0, hidden_size=128, gamma=0.99, gae_lambda=0.95,
     ),
     "minigrid": dict(
         total_timesteps=1_000_000, learning_rate=2.5e-4, num_envs=16, num_steps=128, num_minibatches=4,
-        update_epochs=4, clip_coef=0.2, ent_coef=0.01, hidden_size=256,
+        update_epochs=4, clip_coef=0.2, ent_coef=0.01, hidden_size=256, gamma=0.99, gae_lambda=0.95,
     ),
 }  # fmt: skip
 
@@ -214,7 +214,11 @@ def parse_args(argv: list[str] | None = None) -> Args:
         saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["args"]
         return dataclasses.replace(Args(**saved), resume=args.resume)
     args.domain = env_domain(args.env_id)
-    for name, value in DOMAIN_DEFAULTS[args.domain].items():
+    # Finer rows refine the domain's: MiniGrid's observation kind ("minigrid-symbolic"), then the env id itself
+    defaults = DOMAIN_DEFAULTS[args.domain]
+    for key in (f"minigrid-{args.minigrid_obs}" if args.domain == "minigrid" else None, args.env_id):
+        defaults = {**defaults, **DOMAIN_DEFAULTS.get(key, {})}
+    for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     if args.masked_indices is None:
@@ -565,6 +569,8 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # TF32 (cuDNN's default) moves GPU outputs by ~2e-4, so rollout and training would disagree (DESIGN 9)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.torch_deterministic
 
     envs = make_envs(args, run_name)
     agent = Agent(envs.single_observation_space, envs.single_action_space, args).to(device)

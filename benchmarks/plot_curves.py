@@ -38,7 +38,8 @@ def main():
         label = f"{summary['script']} {summary['env_id']}" + (
             f" --frame-stack {flags['frame_stack']}" if flags["frame_stack"] > 1 else ""
         )
-        ax.plot(*curve(run_dir), label=f"{label} (seed {summary['seed']}): {summary['final_return_mean']:.1f}")
+        label += f" [{flags['exp_name']}]" if flags["exp_name"] != Path(summary["script"]).stem else ""
+        ax.plot(*curve(run_dir), label=f"{label} (seed {summary['seed']}): {summary['final_return_mean']:.2f}")
     if options.target is not None:
         ax.axhline(options.target, color="gray", linestyle="--", linewidth=1, label=f"target {options.target:g}")
     ax.set_xlabel("environment steps")

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(ROOT.glob("ppo_*.py"))
@@ -24,6 +25,20 @@ TINY = ["--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2", "--upd
 TINY += ["--total-timesteps", "64"]
 
 _modules = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--cuda", action="store_true", help="run the invariant tests on the GPU, TF32 off (DESIGN 9)")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    if not request.config.getoption("--cuda"):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        pytest.exit("--cuda: torch sees no CUDA device", returncode=2)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    return torch.device("cuda")
 
 
 def load(script: Path):

@@ -9,16 +9,16 @@
 import numpy as np
 import pytest
 import torch
-from conftest import DOMAINS, TINY
+from conftest import DOMAINS, TINY, load
 
 STEPS, ENVS, ATOL = 12, 3, 1e-5
-CPU = torch.device("cpu")
 
 
-def rollout_batch(module, domain: str, seed: int = 0):
+def rollout_batch(module, domain: str, device: torch.device, seed: int = 0, argv: tuple[str, ...] = ()):
     """An agent and a real [STEPS, ENVS] trajectory with starts anywhere inside (and at 0)."""
     torch.manual_seed(seed)
-    args = module.parse_args([*DOMAINS[domain], *TINY, "--num-envs", str(ENVS), "--num-minibatches", "1"])
+    argv = argv or DOMAINS[domain]
+    args = module.parse_args([*argv, *TINY, "--num-envs", str(ENVS), "--num-minibatches", "1"])
     envs = module.make_envs(args, "test")
     agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
     obs_np, _ = envs.reset(seed=seed)
@@ -32,7 +32,8 @@ def rollout_batch(module, domain: str, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     starts = (torch.rand(STEPS, ENVS, generator=generator) < 0.25).float()
     starts[0] = 1
-    return agent, torch.as_tensor(np.stack(observations)), starts, torch.as_tensor(np.stack(actions))
+    batch = torch.as_tensor(np.stack(observations)), starts, torch.as_tensor(np.stack(actions))
+    return agent.to(device), *(tensor.to(device) for tensor in batch)
 
 
 def outputs(agent, obs, state, starts, actions):
@@ -51,14 +52,14 @@ def assert_states_close(a, b):
 
 def warm_state(agent, obs, starts, actions):
     """A state that has seen other observations: the invariants must hold from any state, not just zeros."""
-    _, state = outputs(agent, obs.flip(0), agent.initial_state(ENVS, CPU), starts, actions.flip(0))
+    _, state = outputs(agent, obs.flip(0), agent.initial_state(ENVS, obs.device), starts, actions.flip(0))
     return state
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
 @pytest.mark.parametrize("split", [1, 5, STEPS - 1])
-def test_chunking(module, domain, split):
-    agent, obs, starts, actions = rollout_batch(module, domain)
+def test_chunking(module, domain, split, device):
+    agent, obs, starts, actions = rollout_batch(module, domain, device)
     starts[0] = 0  # continue from a warm state
     state = warm_state(agent, obs, starts, actions)
     whole, whole_state = outputs(agent, obs, state, starts, actions)
@@ -70,23 +71,36 @@ def test_chunking(module, domain, split):
 
 @pytest.mark.parametrize("domain", DOMAINS)
 @pytest.mark.parametrize("start", [3, 8])
-def test_reset_at_a_start_forgets_everything_before(module, domain, start):
-    agent, obs, starts, actions = rollout_batch(module, domain)
+def test_reset_at_a_start_forgets_everything_before(module, domain, start, device):
+    agent, obs, starts, actions = rollout_batch(module, domain, device)
     starts[start] = 1
-    fresh, _ = outputs(agent, obs[start:], agent.initial_state(ENVS, CPU), starts[start:], actions[start:])
-    for prefix_state in (agent.initial_state(ENVS, CPU), warm_state(agent, obs, starts, actions)):
+    fresh, _ = outputs(agent, obs[start:], agent.initial_state(ENVS, device), starts[start:], actions[start:])
+    for prefix_state in (agent.initial_state(ENVS, device), warm_state(agent, obs, starts, actions)):
         other_prefix = obs[:start].flip(0)  # a different history before the start
         whole, _ = outputs(agent, torch.cat([other_prefix, obs[start:]]), prefix_state, starts, actions)
         torch.testing.assert_close(whole[:, start:], fresh, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
-def test_one_step_calls_equal_one_sequence_call(module, domain):
-    agent, obs, starts, actions = rollout_batch(module, domain)
-    whole, whole_state = outputs(agent, obs, agent.initial_state(ENVS, CPU), starts, actions)
-    state, steps = agent.initial_state(ENVS, CPU), []
+def test_one_step_calls_equal_one_sequence_call(module, domain, device):
+    agent, obs, starts, actions = rollout_batch(module, domain, device)
+    whole, whole_state = outputs(agent, obs, agent.initial_state(ENVS, device), starts, actions)
+    state, steps = agent.initial_state(ENVS, device), []
     for t in range(STEPS):
         step, state = outputs(agent, obs[t : t + 1], state, starts[t : t + 1], actions[t : t + 1])
         steps.append(step)
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=ATOL, rtol=0)
     assert_states_close(state, whole_state)
+
+
+def test_no_state_reset_carries_memory_across_starts(script, device):
+    """`--no-state-reset` is the paper's leak: after a start the outputs still depend on the old episode."""
+    module = load(script)
+    if not hasattr(module.Args, "no_state_reset"):
+        pytest.skip(f"{script.name} has no memory to leak")
+    argv = [*DOMAINS["classic"], "--no-state-reset"]
+    agent, obs, starts, actions = rollout_batch(module, "classic", device, argv=argv)
+    starts[3] = 1
+    fresh, _ = outputs(agent, obs[3:], agent.initial_state(ENVS, device), starts[3:], actions[3:])
+    whole, _ = outputs(agent, obs, agent.initial_state(ENVS, device), starts, actions)
+    assert (whole[:, 3:] - fresh).abs().max() > 1e-3
