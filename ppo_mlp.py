@@ -569,8 +569,8 @@ def main(args: Args) -> None:
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    # TF32 (cuDNN's default) moves GPU outputs by ~2e-4, so rollout and training would disagree (DESIGN 9)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = not args.torch_deterministic
+    if args.torch_deterministic:  # TF32 (cuDNN's default) moves GPU outputs by ~2e-4: rollout and training disagree
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
 
     envs = make_envs(args, run_name)
     agent = Agent(envs.single_observation_space, envs.single_action_space, args).to(device)

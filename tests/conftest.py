@@ -28,7 +28,7 @@ _modules = {}
 
 
 def pytest_addoption(parser):
-    parser.addoption("--cuda", action="store_true", help="run the invariant tests on the GPU, TF32 off (DESIGN 9)")
+    parser.addoption("--cuda", action="store_true", help="run the device-aware tests on the GPU, TF32 off")
 
 
 @pytest.fixture(scope="session")
