@@ -444,9 +444,10 @@ class Trunk(nn.Module):
     environment starts, the starting environments' state is zeroed, and each piece runs through one kernel
     call with the state carried: exact, no padding, and as many calls as there are distinct start times
     (one in the rollout, a handful per minibatch of whole environments in training). Measured in
-    docs/performance.md: a per-step loop is 1.4-30x slower on the CPU and 4-61x on an H200; padding the
-    episode segments into one call is slower on the CPU and up to 2.5x faster on a GPU at 20-step episodes,
-    but it leaves the returned state after the padding, so one exact method serves both devices.
+    docs/performance.md: a per-step loop is 1.4-31x slower on the CPU and 4-61x on an H200; padding the
+    episode segments into one call (or one per length bucket) is up to 1.8x faster on the CPU and 2.5x on a
+    GPU at 20-step episodes, but it leaves the returned state after the padding, so one exact method serves
+    both devices.
     """
 
     def __init__(self, input_size: int, args: Args):

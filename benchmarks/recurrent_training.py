@@ -9,6 +9,9 @@ size and minibatch of whole environments, with:
 - "bucketed": the same segments grouped by length (powers of two), one padded call per group;
 - "packed": the same segments as one PackedSequence (no padding work, each segment's own final state).
 
+The segment methods cut and scatter with tensor indexing (no Python loop over segments), as a real
+implementation would; they return outputs only (the final state is what padding gets wrong).
+
 Every method's outputs are checked against the loop's before timing. Prints a Markdown table.
 
     python benchmarks/recurrent_training.py                    # CPU
@@ -17,7 +20,6 @@ Every method's outputs are checked against the loop's before timing. Prints a Ma
 
 import argparse
 import importlib.util
-import itertools
 import statistics
 import time
 from pathlib import Path
@@ -57,55 +59,57 @@ def loop(trunk, x, state, starts):
     return torch.cat(outputs)
 
 
-def cut_segments(x, state, starts):
-    """Episode segments of every environment: (input [length, hidden], initial state, env, first step)."""
-    segments = []
-    for env in range(x.shape[1]):
-        cuts = [0, *(torch.nonzero(starts[1:, env]).flatten() + 1).tolist(), len(x)]
-        for begin, end in itertools.pairwise(cuts):
-            carried = begin == 0 and not starts[0, env]
-            initial = scaled(state, 1.0 if carried else 0.0)
-            initial = tuple(part[env] for part in initial) if isinstance(initial, tuple) else initial[env]
-            segments.append((x[begin:end, env], initial, env, begin))
-    return segments
-
-
-def initial_states(segments):
-    initial = [seg[1] for seg in segments]
-    if isinstance(initial[0], tuple):
-        return tuple(torch.stack(parts)[None] for parts in zip(*initial, strict=True))
-    return torch.stack(initial)[None]
-
-
-def run_padded(trunk, segments, out, pack: bool = False):
-    inputs = [seg[0] for seg in segments]
-    if pack:  # PackedSequence: no work on padding, and each segment's own final state
-        y, _ = trunk.rnn(torch.nn.utils.rnn.pack_sequence(inputs, enforce_sorted=False), initial_states(segments))
-        y, _ = torch.nn.utils.rnn.pad_packed_sequence(y)
+def segment_layout(state, starts):
+    """Every step's episode segment and position in it (segments numbered env by env, each env's first one
+    carrying the stored state unless it starts at 0), built with tensor ops: no loop over segments."""
+    num_steps, num_envs = starts.shape
+    first = starts.T.clone()
+    first[:, 0] = 1
+    segment = first.reshape(-1).cumsum(0).long() - 1
+    begins = torch.nonzero(first.reshape(-1)).flatten()
+    position = torch.arange(len(segment), device=starts.device) - begins[segment]
+    env, carried = begins // num_steps, (begins % num_steps == 0) & (starts[0, begins // num_steps] == 0)
+    keep = carried.float()[:, None]
+    if isinstance(state, tuple):
+        initial = tuple(part[env] * keep for part in state)
     else:
-        y, _ = trunk.rnn(torch.nn.utils.rnn.pad_sequence(inputs), initial_states(segments))
-    for index, (inputs, _, env, begin) in enumerate(segments):
-        out[begin : begin + len(inputs), env] = y[: len(inputs), index]
+        initial = state[env] * keep
+    lengths = torch.bincount(segment)
+    return segment.view(num_envs, num_steps).T, position.view(num_envs, num_steps).T, lengths, initial
 
 
-def segments(trunk, x, state, starts):
-    out = x.new_zeros(*x.shape[:2], trunk.output_size)
-    run_padded(trunk, cut_segments(x, state, starts), out)
-    return out
+def select(state, index):
+    return tuple(part[index][None] for part in state) if isinstance(state, tuple) else state[index][None]
+
+
+def segments(trunk, x, state, starts, pack: bool = False):
+    segment, position, lengths, initial = segment_layout(state, starts)
+    padded = x.new_zeros(int(lengths.max()), len(lengths), x.shape[-1]).index_put((position, segment), x)
+    if pack:  # PackedSequence: no work on padding
+        packed_input = torch.nn.utils.rnn.pack_padded_sequence(padded, lengths.cpu(), enforce_sorted=False)
+        y, _ = torch.nn.utils.rnn.pad_packed_sequence(trunk.rnn(packed_input, select(initial, slice(None)))[0])
+    else:
+        y, _ = trunk.rnn(padded, select(initial, slice(None)))
+    return y[position, segment]
 
 
 def packed(trunk, x, state, starts):
-    out = x.new_zeros(*x.shape[:2], trunk.output_size)
-    run_padded(trunk, cut_segments(x, state, starts), out, pack=True)
-    return out
+    return segments(trunk, x, state, starts, pack=True)
 
 
 def bucketed(trunk, x, state, starts):
-    out, groups = x.new_zeros(*x.shape[:2], trunk.output_size), {}
-    for segment in cut_segments(x, state, starts):
-        groups.setdefault((len(segment[0]) - 1).bit_length(), []).append(segment)
-    for group in groups.values():
-        run_padded(trunk, group, out)
+    """Segments grouped by length (powers of two), one padded call per group."""
+    segment, position, lengths, initial = segment_layout(state, starts)
+    bucket = torch.ceil(torch.log2(lengths.float())).long()
+    out = x.new_zeros(*x.shape[:2], trunk.output_size)
+    for k in torch.unique(bucket).tolist():
+        members = torch.nonzero(bucket == k).flatten()
+        local = torch.full_like(bucket, -1).index_put((members,), torch.arange(len(members), device=x.device))
+        steps = torch.nonzero(bucket[segment] == k).unbind(1)
+        index = (position[steps], local[segment[steps]])
+        padded = x.new_zeros(int(lengths[members].max()), len(members), x.shape[-1]).index_put(index, x[steps])
+        y, _ = trunk.rnn(padded, select(initial, members))
+        out = out.index_put(steps, y[index])
     return out
 
 
