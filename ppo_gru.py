@@ -444,10 +444,10 @@ class Trunk(nn.Module):
     environment starts, the starting environments' state is zeroed, and each piece runs through one kernel
     call with the state carried: exact, no padding, and as many calls as there are distinct start times
     (one in the rollout, a handful per minibatch of whole environments in training). Measured in
-    docs/performance.md: a per-step loop is 1.4-31x slower on the CPU and 4-61x on an H200; padding the
-    episode segments into one call (or one per length bucket) is up to 1.8x faster on the CPU and 2.5x on a
-    GPU at 20-step episodes, but it leaves the returned state after the padding, so one exact method serves
-    both devices.
+    docs/performance.md: a per-step loop is 1.4-31x slower on the CPU and 3-59x on an H200. Padding the
+    episode segments into one call is up to 1.8x faster on the CPU and 11x on an H200 when episodes are
+    short, but it leaves the returned state after the padding; exactness first, so this one method serves
+    both devices (an exact padded path for CUDA is the open item recorded there).
     """
 
     def __init__(self, input_size: int, args: Args):
