@@ -1,4 +1,4 @@
-"""Recurrent trunks (`Trunk.rnn`, ppo_lstm.py and ppo_gru.py): training runs the fused kernel once per piece
+"""Recurrent trunks (`Trunk.rnn`, ppo_lstm.py and ppo_gru.py): training runs the kernel once per piece
 between episode starts, never once per time step, and the pieces give exactly what a per-step loop gives."""
 
 import pytest
