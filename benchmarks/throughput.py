@@ -28,6 +28,7 @@ CONFIGS = {
     "halfcheetah": (["--env-id", "HalfCheetah-v4"], 10),
     "breakout": (["--env-id", "ALE/Breakout-v5"], 3),
     "memory-rgb": (["--env-id", "MiniGrid-MemoryS11-v0"], 3),
+    "memory-symbolic": (["--env-id", "MiniGrid-MemoryS11-v0", "--minigrid-obs", "symbolic"], 10),
     "doorkey-symbolic": (["--env-id", "MiniGrid-DoorKey-8x8-v0", "--minigrid-obs", "symbolic"], 10),
 }  # name -> (flags, PPO updates to time)
 

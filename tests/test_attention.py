@@ -1,0 +1,95 @@
+"""Attention trunks (`Trunk.layers`, ppo_trxl.py and ppo_gtrxl.py): a sliding window of M steps in the current
+episode, the same in one-step rollout calls and in one whole-sequence training call, and a state whose size is
+fixed by M alone. GTrXL's gates start each layer close to the identity map."""
+
+import pytest
+import torch
+from conftest import DOMAINS, ROOT, load
+from test_invariants import outputs, rollout_batch
+
+STEPS, ENVS = 12, 3
+# Windows shorter than the sequence, so the M-step limit is exercised: 12 steps are 4 blocks of 3 queries, or
+# 3 blocks of 5 with the last one padded
+MEMORY_LENGTHS = [3, 5]
+
+
+def attention_module(script):
+    module = load(script)
+    if not hasattr(module.Args, "memory_length"):
+        pytest.skip(f"{script.name} has no attention window")
+    return module
+
+
+def windowed_batch(module, device, memory_length):
+    argv = [*DOMAINS["classic"], "--memory-length", str(memory_length), "--num-layers", "2"]
+    return rollout_batch(module, "classic", device, argv=argv)
+
+
+@pytest.mark.parametrize("memory_length", MEMORY_LENGTHS)
+def test_one_step_calls_equal_one_call_when_the_window_is_shorter_than_the_sequence(script, memory_length, device):
+    agent, obs, starts, actions = windowed_batch(attention_module(script), device, memory_length)
+    whole, whole_state = outputs(agent, obs, agent.initial_state(ENVS, device), starts, actions)
+    state, steps = agent.initial_state(ENVS, device), []
+    for t in range(STEPS):
+        step, state = outputs(agent, obs[t : t + 1], state, starts[t : t + 1], actions[t : t + 1])
+        steps.append(step)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-5, rtol=0)
+    for a, b in zip(state, whole_state, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("memory_length", MEMORY_LENGTHS)
+def test_a_step_sees_exactly_layers_times_m_steps_back(script, memory_length, device):
+    """Each layer looks M steps back at the layer below, so L layers reach L * M steps back (Dai et al.'s
+    O(N x L) context): an observation L * M + 1 steps back changes nothing, L * M steps back it does."""
+    agent, obs, starts, actions = windowed_batch(attention_module(script), device, memory_length)
+    starts.zero_()
+    starts[0] = 1
+    t, reach = STEPS - 1, len(agent.trunk.layers) * memory_length
+    assert reach + 1 <= t, "the sequence must be longer than the reach"
+    base, _ = outputs(agent, obs, agent.initial_state(ENVS, device), starts, actions)
+    for back, changes in ((reach + 1, False), (reach, True)):
+        changed = obs.clone()
+        changed[t - back] = changed[t - back] + 1.0
+        other, _ = outputs(agent, changed, agent.initial_state(ENVS, device), starts, actions)
+        difference = (other[:, t] - base[:, t]).abs().max().item()
+        assert (difference > 1e-4) == changes, f"{back} steps back: output moved by {difference}"
+
+
+def test_state_size_is_fixed_by_the_memory_length_alone(script, device):
+    module = attention_module(script)
+    agent, obs, starts, actions = windowed_batch(module, device, MEMORY_LENGTHS[0])
+    starts.zero_()
+    starts[0] = 1
+    _, short_state = outputs(agent, obs[:2], agent.initial_state(ENVS, device), starts[:2], actions[:2])
+    _, long_state = outputs(agent, obs, agent.initial_state(ENVS, device), starts, actions)
+    memory, in_episode = long_state
+    shape = (ENVS, len(agent.trunk.layers), MEMORY_LENGTHS[0], agent.trunk.output_size)
+    assert memory.shape == short_state[0].shape == shape
+    assert in_episode.tolist() == [MEMORY_LENGTHS[0]] * ENVS and short_state[1].tolist() == [2] * ENVS
+
+
+@pytest.mark.parametrize("domain", ["classic", "minigrid-symbolic"])
+def test_gtrxl_layers_start_close_to_the_identity(domain, device):
+    """Parisotto et al.: with the gate bias b_g = 2 each GRU-type gate passes mostly its input x through, so
+    every layer's output is close to its input; with b_g = 0 it is not."""
+    module = load(ROOT / "ppo_gtrxl.py")
+    deviations = {}
+    for gate_bias in (2.0, 0.0):
+        torch.manual_seed(0)
+        args = module.parse_args([*DOMAINS[domain], "--gate-bias", str(gate_bias)])
+        trunk = module.Trunk(args.hidden_size, args).to(device)
+        x = torch.randn(64, 8, args.hidden_size, device=device)
+        starts = torch.zeros(64, 8, device=device)
+        starts[0] = 1
+        with torch.no_grad():
+            _, (memory, _) = trunk(x, trunk.initial_state(8, device), starts)
+            # memory[:, l] holds layer l's last M inputs: layer l's input is layer l - 1's output
+            layer_inputs = [x.transpose(0, 1)[:, -args.memory_length :], *memory[:, 1:].unbind(1)]
+            y, _ = trunk(x, trunk.initial_state(8, device), starts)
+            layer_outputs = [*memory[:, 1:].unbind(1), y.transpose(0, 1)[:, -args.memory_length :]]
+        deviations[gate_bias] = max(
+            ((out - inp).norm() / inp.norm()).item() for inp, out in zip(layer_inputs, layer_outputs, strict=True)
+        )
+    assert deviations[2.0] < 0.3, deviations
+    assert deviations[0.0] > 2 * deviations[2.0], deviations
