@@ -193,7 +193,7 @@ DOMAIN_DEFAULTS = {
         num_layers=2, hidden_size=192, head_size=48, ffn_size=384, memory_length=64,
     ),
     "classic": dict(
-        total_timesteps=1_000_000, learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=1,
+        total_timesteps=1_000_000, learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=2,
         update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95,
         num_layers=1, hidden_size=40, head_size=10, ffn_size=80, memory_length=32,
     ),

@@ -38,7 +38,12 @@ def test_four_frames_recover_the_velocity(tmp_path):
     assert final_return(tmp_path, *argv) >= 450
 
 
-@pytest.mark.parametrize("name", ["ppo_lstm.py", "ppo_gru.py"])
-def test_recurrent_memory_solves_cartpole_without_velocity_within_500k(tmp_path, name):
-    final_return(tmp_path, "--env-id", "CartPoleNoVel-v1", "--total-timesteps", "500000", script=ROOT / name)
-    assert best_100_episode_mean(tmp_path) >= 475
+@pytest.mark.parametrize(
+    ("name", "steps", "target"),
+    [("ppo_lstm.py", 500_000, 475), ("ppo_gru.py", 500_000, 475), ("ppo_trxl.py", 1_000_000, 450),
+     ("ppo_gtrxl.py", 1_000_000, 450)],
+)  # fmt: skip
+def test_memory_solves_cartpole_without_velocity(tmp_path, name, steps, target):
+    """The best 100-episode mean reaches the issue's target within the budget (each script's default one)."""
+    final_return(tmp_path, "--env-id", "CartPoleNoVel-v1", "--total-timesteps", str(steps), script=ROOT / name)
+    assert best_100_episode_mean(tmp_path) >= target
