@@ -511,6 +511,17 @@ class Trunk(nn.Module):
         self.kernel = "block-local attention, one batched call per layer"
         heads = torch.arange(1, args.num_heads + 1)
         self.register_buffer("slopes", 2.0 ** (-8.0 * heads / args.num_heads), persistent=False)
+        self.windows = {}  # (block, device) -> the ALiBi scores and the out-of-window mask of a block
+
+    def window(self, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query i of a block attends to key j of its window at distance (query time minus key time) M + i - j:
+        ALiBi's score [heads, block, M + block] and whether the key is later or more than M steps earlier."""
+        if (block, device) not in self.windows:
+            distance = self.memory_length + torch.arange(block, device=device)[:, None]
+            distance = distance - torch.arange(self.memory_length + block, device=device)
+            outside = (distance < 0) | (distance > self.memory_length)
+            self.windows[block, device] = (-self.slopes[:, None, None] * distance, outside)
+        return self.windows[block, device]
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         memory = torch.zeros(num_envs, len(self.layers), self.memory_length, self.output_size, device=device)
@@ -535,11 +546,9 @@ class Trunk(nn.Module):
         step_episode = nn.functional.pad(starts.T.long(), (0, padding)).cumsum(1)  # [B, T + padding]
         key_episode = torch.cat([memory_episode, step_episode], 1).unfold(1, memory_length + block, block)
         query_episode = step_episode.view(envs, blocks, block)
-        # Query i of a block attends to key j of its window: distance (query time minus key time) M + i - j
-        distance = memory_length + torch.arange(block, device=x.device)[:, None]
-        distance = distance - torch.arange(memory_length + block, device=x.device)
-        blocked = (distance < 0) | (distance > memory_length) | (query_episode[..., None] != key_episode[:, :, None])
-        scores_bias = torch.where(blocked[:, :, None], -math.inf, -self.slopes[:, None, None] * distance)
+        alibi, outside = self.window(block, x.device)  # built once per block size: the rollout's and training's
+        blocked = outside | (query_episode[..., None] != key_episode[:, :, None])
+        scores_bias = torch.where(blocked[:, :, None], -math.inf, alibi)
         scores_bias = scores_bias.flatten(0, 1)  # [B * blocks, heads, block, M + block]
 
         h, new_memory = nn.functional.pad(x.transpose(0, 1), (0, 0, 0, padding)), []  # [B, T + padding, size]
