@@ -83,11 +83,10 @@ def test_gtrxl_layers_start_close_to_the_identity(domain, device):
         starts = torch.zeros(64, 8, device=device)
         starts[0] = 1
         with torch.no_grad():
-            _, (memory, _) = trunk(x, trunk.initial_state(8, device), starts)
-            # memory[:, l] holds layer l's last M inputs: layer l's input is layer l - 1's output
-            layer_inputs = [x.transpose(0, 1)[:, -args.memory_length :], *memory[:, 1:].unbind(1)]
-            y, _ = trunk(x, trunk.initial_state(8, device), starts)
-            layer_outputs = [*memory[:, 1:].unbind(1), y.transpose(0, 1)[:, -args.memory_length :]]
+            y, (memory, _) = trunk(x, trunk.initial_state(8, device), starts)
+        # memory[:, l] holds layer l's last M inputs, which are layer l - 1's outputs; the last layer's are y
+        layer_inputs = memory.unbind(1)
+        layer_outputs = [*memory[:, 1:].unbind(1), y.transpose(0, 1)[:, -args.memory_length :]]
         deviations[gate_bias] = max(
             ((out - inp).norm() / inp.norm()).item() for inp, out in zip(layer_inputs, layer_outputs, strict=True)
         )
