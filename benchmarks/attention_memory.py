@@ -88,15 +88,18 @@ def main():
     print("| script | M | SPS | x MLP | update SPS | latency ms | peak RSS GB | GPU allocated GB | params |")
     print("|---" * 9 + "|")
     mlp = training_summary("ppo_mlp.py", flags, options.device)
-    runs = [("ppo_mlp.py", "-", None)]
-    runs += [(script, m, m) for script in ("ppo_trxl.py", "ppo_gtrxl.py") for m in options.memory_lengths]
-    for script, label, memory_length in runs:  # each row as soon as it is measured
-        extra = [] if memory_length is None else ["--memory-length", str(memory_length)]
-        s = mlp if memory_length is None else training_summary(script, [*flags, *extra], options.device)
+
+    def print_row(script: str, label, s: dict):  # each row as soon as it is measured
         gpu = "-" if s["gpu_mem_allocated_gb"] is None else f"{s['gpu_mem_allocated_gb']:.3f}"
         row = f"| {script} | {label} | {s['sps']:,.0f} | {s['sps'] / mlp['sps']:.2f} | {s['update_sps']:,.0f} "
         row += f"| {s['inference_latency_ms']:.2f} | {s['cpu_rss_gb']:.2f} | {gpu} | {s['params']:,} |"
         print(row, flush=True)
+
+    print_row("ppo_mlp.py", "-", mlp)
+    for script in ("ppo_trxl.py", "ppo_gtrxl.py"):
+        for memory_length in options.memory_lengths:
+            summary = training_summary(script, [*flags, "--memory-length", str(memory_length)], options.device)
+            print_row(script, memory_length, summary)
 
     device = torch.device(options.device)
     print(f"\nOne episode, one environment, rollout steps ({device})\n")
