@@ -199,16 +199,17 @@ def returns_table(out: Path, grid: Grid) -> str:
     for row in grid.rows:
         entries = []
         for env in grid.envs:
-            finished = [s for s in grid.complete[row, env] if s.get("final_return_mean") is not None]
-            returns = [s["final_return_mean"] for s in finished]
+            runs = grid.complete[row, env]
+            returns = [s["final_return_mean"] for s in runs if s.get("final_return_mean") is not None]
             text = f"{np.mean(returns):.2f} +- {np.std(returns):.2f} (n={len(returns)})" if returns else "n/a"
-            unfinished = len(grid.seeds) - len(returns)
+            if len(runs) < len(grid.seeds):
+                text += f", {len(grid.seeds) - len(runs)} not complete"
+            if len(returns) < len(runs):
+                text += f", {len(runs) - len(returns)} without a finished episode"
             budgets = sorted({s["total_timesteps"] for s in grid.runs(row, env)})
-            entries.append(
-                text
-                + (f", {unfinished} not complete" if unfinished else "")
-                + (f", budgets differ: {', '.join(map(str, budgets))}" if len(budgets) > 1 else "")
-            )
+            if len(budgets) > 1:
+                text += f", budgets differ: {', '.join(map(str, budgets))}"
+            entries.append(text)
         table.append([row, *entries])
     return write_table(out, "returns", ["arch", *grid.envs], table)
 
