@@ -168,6 +168,7 @@ class Args:
 
 ARCH = "trxl"
 TRUNK_SIZE_FIELDS = ("hidden_size", "memory_length", "num_layers", "num_heads", "head_size", "ffn_size")
+TRUNK_CHOICE_FIELDS = {}  # trunk flags with a fixed set of values: name -> the values
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,6 +250,9 @@ def parse_args(argv: list[str] | None = None) -> Args:
     for name in SIZE_FIELDS + TRUNK_SIZE_FIELDS:
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name, choices in TRUNK_CHOICE_FIELDS.items():
+        if getattr(args, name) not in choices:
+            fail(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
     if args.frame_stack < 1:
         fail(f"--frame-stack must be at least 1, got {args.frame_stack}")
     if args.num_envs % args.num_minibatches:

@@ -1,0 +1,1023 @@
+"""PPO with a Mamba-2 trunk (state-space duality) that forgets exactly at every episode start.
+
+Observations are encoded (MLP for vectors, a CNN for Atari and MiniGrid RGB, an embedding for MiniGrid
+symbols), passed through `num_layers` Mamba-2 blocks (Dao and Gu, "Transformers are SSMs: Generalized Models
+and Efficient Algorithms Through Structured State Space Duality", arXiv 2405.21060), and read out by a policy
+head and a value head. Each block's state (its convolution window and its SSM state) restarts from zero at
+every episode start, in the rollout (one step per call) and in training (whole rollout sequences replayed
+from the state stored at the rollout's start, starts anywhere inside), with the SSD computed in chunks and no
+loop over time steps; the paper we reproduce trained its Mamba-2 without either, so memory leaked across
+episodes (`--no-state-reset` reproduces that, for ablation). `--mamba-backend cuda` uses mamba-ssm's kernel.
+Reference: Smirnov and Gu, "RLBenchNet: The Right Network for the Right Reinforcement Learning Task"
+(arXiv 2505.15040); the PPO details follow CleanRL's `ppo.py`, `ppo_atari_lstm.py` and
+`ppo_continuous_action.py`.
+
+Run:
+    python ppo_mamba2.py --env-id CartPoleNoVel-v1
+    python ppo_mamba2.py --env-id MiniGrid-MemoryS11-v0 --minigrid-obs symbolic
+    python ppo_mamba2.py --env-id CartPoleNoVel-v1 --no-state-reset   # the paper's leak, for ablation
+    python ppo_mamba2.py --help
+
+Everything between `# >>> shared: <name>` and `# <<< shared: <name>` is byte-identical in every `ppo_*.py`
+(tests/test_shared_sections.py checks it). The trunk (section 6) and the domain-defaults table (section 4)
+are what this script changes.
+"""
+
+# >>> shared: imports
+import csv
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import random
+import resource
+import signal
+import statistics
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import ale_py
+import gymnasium as gym
+import minigrid
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX
+from minigrid.wrappers import ImgObsWrapper, RGBImgPartialObsWrapper
+from stable_baselines3.common.atari_wrappers import EpisodicLifeEnv, FireResetEnv
+from torch.distributions import Categorical, Normal
+from torch.utils.tensorboard import SummaryWriter
+
+try:
+    import wandb
+except ImportError:
+    wandb = None
+
+gym.register_envs(ale_py)
+gym.register_envs(minigrid)
+# <<< shared: imports
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Arguments
+# ---------------------------------------------------------------------------------------------------------
+# >>> shared: args
+@dataclass
+class Args:
+    env_id: str = "CartPoleNoVel-v1"
+    """the environment id: a Gymnasium/ale-py/MiniGrid id, CartPoleNoVel-v1 or LunarLanderNoVel-v3"""
+    exp_name: str = Path(__file__).stem
+    """the name of this experiment (the middle of the run name)"""
+    seed: int = 1
+    """seed of the experiment"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True` and TF32 off (exact rollout/training agreement on GPUs)"""
+    cuda: bool = True
+    """if toggled, cuda will be used when available"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "rlbenchnet"
+    """the wandb's project name"""
+    capture_video: bool = False
+    """whether to capture videos of the agent performances to `videos/<run_name>` (needs moviepy)"""
+    resume: str | None = None
+    """continue an interrupted run from its directory `runs/<run_name>` (its saved arguments are used)"""
+    checkpoint_interval: int = 50
+    """save a checkpoint and summary.json every this many updates (and always at the end)"""
+
+    # Environment
+    frame_stack: int = 1
+    """stack this many consecutive observations (1 is the paper's MLP-1, 4 its MLP-4)"""
+    masked_indices: tuple[int, ...] | None = None
+    """observation indices set to zero (default: the masked env's own, e.g. 1 3 for CartPoleNoVel-v1)"""
+    minigrid_obs: str = "rgb"
+    """MiniGrid observation: `rgb` (84x84 partial view, as in the paper) or `symbolic` (3x3 grid of indices)"""
+    minigrid_max_steps: int = 96
+    """MiniGrid time limit in steps (the paper's 96)"""
+
+    # PPO; `None` takes the value of the domain-defaults table (section 4 of the script)
+    total_timesteps: int | None = None
+    """total timesteps of the experiment"""
+    learning_rate: float | None = None
+    """the learning rate of the optimizer"""
+    num_envs: int | None = None
+    """the number of parallel game environments"""
+    num_steps: int | None = None
+    """the number of steps to run in each environment per policy rollout"""
+    anneal_lr: bool = True
+    """toggle learning rate annealing for policy and value networks"""
+    gamma: float | None = None
+    """the discount factor gamma"""
+    gae_lambda: float | None = None
+    """the lambda for the general advantage estimation"""
+    num_minibatches: int | None = None
+    """the number of mini-batches (each holds whole environments' sequences)"""
+    update_epochs: int | None = None
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """toggles advantages normalization"""
+    clip_coef: float | None = None
+    """the surrogate clipping coefficient"""
+    clip_vloss: bool = True
+    """toggles whether or not to use a clipped loss for the value function, as per the paper"""
+    ent_coef: float | None = None
+    """coefficient of the entropy"""
+    vf_coef: float = 0.5
+    """coefficient of the value function"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the gradient clipping"""
+    target_kl: float | None = None
+    """the target KL divergence threshold (stops the update epochs early)"""
+
+    # Network
+    hidden_size: int | None = None
+    """width of the encoder output and of the trunk"""
+
+    # Filled in by parse_args
+    domain: tyro.conf.Suppress[str] = ""
+    """mujoco, atari, classic or minigrid"""
+    batch_size: tyro.conf.Suppress[int] = 0
+    """num_envs * num_steps"""
+    minibatch_size: tyro.conf.Suppress[int] = 0
+    """batch_size // num_minibatches"""
+    num_iterations: tyro.conf.Suppress[int] = 0
+    """number of PPO updates: ceil(total_timesteps / batch_size), at least 1"""
+    # <<< shared: args
+
+    # Trunk
+    num_layers: int | None = None
+    """number of Mamba-2 blocks"""
+    num_heads: int | None = None
+    """SSM heads per block, each with its own scalar decay A; the inner width is num_heads * head_size"""
+    head_size: int = 32
+    """channels per head (Mamba-2's headdim P)"""
+    state_size: int = 16
+    """N: SSM state size (Mamba-2's d_state), B and C shared by all heads"""
+    conv_size: int = 4
+    """width of the causal depthwise convolution (Mamba-2's d_conv)"""
+    chunk_size: int = 64
+    """SSD chunk length in steps: quadratic within a chunk, a recurrence across chunks"""
+    mamba_backend: str = "auto"
+    """auto, torch or cuda: cuda runs mamba-ssm's kernel when it is importable and the device is CUDA"""
+    no_state_reset: bool = False
+    """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
+
+
+ARCH = "mamba2"
+TRUNK_SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "head_size", "state_size", "conv_size", "chunk_size")
+TRUNK_CHOICE_FIELDS = {"mamba_backend": ("auto", "torch", "cuda")}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Domain defaults: a flag the user passes always wins over this table
+# ---------------------------------------------------------------------------------------------------------
+DOMAIN_DEFAULTS = {
+    "mujoco": dict(
+        total_timesteps=1_000_000, learning_rate=3e-4, num_envs=16, num_steps=128, num_minibatches=8,
+        update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95,
+        num_layers=1, hidden_size=64, num_heads=5,
+    ),
+    "atari": dict(
+        total_timesteps=10_000_000, learning_rate=2.5e-4, num_envs=16, num_steps=128, num_minibatches=8,
+        update_epochs=4, clip_coef=0.1, ent_coef=0.01, gamma=0.99, gae_lambda=0.95,
+        num_layers=2, hidden_size=320, num_heads=20,
+    ),
+    "classic": dict(
+        total_timesteps=1_000_000, learning_rate=1e-3, num_envs=8, num_steps=128, num_minibatches=1,
+        update_epochs=10, clip_coef=0.2, ent_coef=0.0, gamma=0.99, gae_lambda=0.95,
+        num_layers=1, hidden_size=64, num_heads=5,
+    ),
+    "minigrid": dict(
+        total_timesteps=3_000_000, learning_rate=2.5e-4, num_envs=16, num_steps=128, num_minibatches=4,
+        update_epochs=4, clip_coef=0.2, ent_coef=0.01, gamma=0.99, gae_lambda=0.95,
+        num_layers=2, hidden_size=160, num_heads=10,
+    ),
+    "minigrid-symbolic": dict(hidden_size=112, num_heads=7),  # the embedding encoder is smaller than the CNN
+    # LunarLanderNoVel-v3 (1000-step episodes, a landing bonus far ahead) wants a longer horizon and exploration
+    "LunarLanderNoVel-v3": dict(
+        total_timesteps=3_000_000, learning_rate=3e-4, ent_coef=0.01, gamma=0.999, gae_lambda=0.98,
+    ),
+}  # fmt: skip
+
+
+# >>> shared: parse_args
+# Velocity-masked classic control (the paper's POMDP variants): base env id and the indices zeroed.
+MASKED_ENVS = {"CartPoleNoVel-v1": ("CartPole-v1", (1, 3)), "LunarLanderNoVel-v3": ("LunarLander-v3", (2, 3, 5))}
+SIZE_FIELDS = ("total_timesteps", "num_envs", "num_steps", "num_minibatches", "update_epochs", "checkpoint_interval")
+
+
+def fail(message: str):
+    """Bad input: one line on stderr, exit status 2, nothing written."""
+    print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def base_env_id(env_id: str) -> str:
+    """The registered env behind an id: CartPoleNoVel-v1 -> CartPole-v1; any other id is its own."""
+    return MASKED_ENVS[env_id][0] if env_id in MASKED_ENVS else env_id
+
+
+def env_domain(env_id: str) -> str:
+    """The domain is read from the env's registration, never guessed from an observation shape."""
+    try:
+        entry_point = str(gym.spec(base_env_id(env_id)).entry_point)
+    except gym.error.Error:
+        fail(f"unknown env id {env_id!r}")
+    for domain, marker in (("mujoco", "mujoco"), ("atari", "ale_py"), ("minigrid", "minigrid")):
+        if marker in entry_point:
+            return domain
+    return "classic"
+
+
+def parse_args(argv: list[str] | None = None) -> Args:
+    """Parse the command line, apply the domain defaults and validate; bad input exits with status 2."""
+    args = tyro.cli(Args, args=argv)
+    if args.resume is not None:
+        checkpoint = Path(args.resume) / "checkpoint.pt"
+        if not checkpoint.is_file():
+            fail(f"--resume: no checkpoint at {checkpoint}")
+        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["args"]
+        return dataclasses.replace(Args(**saved), resume=args.resume)
+    args.domain = env_domain(args.env_id)
+    # Finer rows refine the domain's: MiniGrid's observation kind ("minigrid-symbolic"), then the env id itself
+    defaults = DOMAIN_DEFAULTS[args.domain]
+    for key in (f"minigrid-{args.minigrid_obs}" if args.domain == "minigrid" else None, args.env_id):
+        defaults = {**defaults, **DOMAIN_DEFAULTS.get(key, {})}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.masked_indices is None:
+        args.masked_indices = MASKED_ENVS[args.env_id][1] if args.env_id in MASKED_ENVS else ()
+    for name in SIZE_FIELDS + TRUNK_SIZE_FIELDS:
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name, choices in TRUNK_CHOICE_FIELDS.items():
+        if getattr(args, name) not in choices:
+            fail(f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    if args.frame_stack < 1:
+        fail(f"--frame-stack must be at least 1, got {args.frame_stack}")
+    if args.num_envs % args.num_minibatches:
+        fail(f"--num-envs {args.num_envs} is not divisible by --num-minibatches {args.num_minibatches}")
+    if args.minigrid_obs not in ("rgb", "symbolic"):
+        fail(f"--minigrid-obs must be rgb or symbolic, got {args.minigrid_obs!r}")
+    if args.learning_rate <= 0 or args.minigrid_max_steps <= 0:
+        fail("--learning-rate and --minigrid-max-steps must be positive")
+    if args.track and wandb is None:
+        fail("--track needs Weights and Biases: pip install wandb")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        fail("--capture-video needs moviepy: pip install moviepy")
+    try:
+        env = make_env(args, 0, "")()
+    except ValueError as error:  # an env option the env cannot take
+        fail(str(error))
+    obs_space, action_space = env.observation_space, env.action_space
+    env.close()
+    if args.domain in ("mujoco", "classic") and len(obs_space.shape or ()) != 1:
+        fail(f"{args.env_id} has observations of shape {obs_space.shape}; this domain needs a vector")
+    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)):
+        fail(f"{args.env_id} has a {type(action_space).__name__} action space; only Discrete and Box are served")
+    if isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1:
+        fail(f"{args.env_id} has Box actions of shape {action_space.shape}; only vectors are served")
+    args.batch_size = args.num_envs * args.num_steps
+    args.minibatch_size = args.batch_size // args.num_minibatches
+    args.num_iterations = max(1, math.ceil(args.total_timesteps / args.batch_size))
+    return args
+    # <<< shared: parse_args
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Environments
+# ---------------------------------------------------------------------------------------------------------
+# >>> shared: environments
+def make_env(args: Args, index: int, run_name: str):
+    """A thunk building one wrapped env. Episode statistics are recorded before any reward clipping or
+    normalisation, and before Atari's life loss, so the logged return is the real game's."""
+
+    def thunk():
+        render_mode = "rgb_array" if args.capture_video and index == 0 and run_name else None
+        if args.domain == "atari":  # frame skip is applied once, by AtariPreprocessing
+            env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, render_mode=render_mode)
+        elif args.domain == "minigrid":
+            env = gym.make(args.env_id, agent_view_size=3, max_steps=args.minigrid_max_steps, render_mode=render_mode)
+        else:
+            env = gym.make(base_env_id(args.env_id), render_mode=render_mode)
+        if render_mode:
+            env = gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+        env = gym.wrappers.RecordEpisodeStatistics(env)
+        if args.domain == "atari":
+            env = gym.wrappers.AtariPreprocessing(env, noop_max=30, frame_skip=4, screen_size=84)
+            env = EpisodicLifeEnv(env)  # a lost life ends the training episode, not the game
+            if "FIRE" in env.unwrapped.get_action_meanings():
+                env = FireResetEnv(env)
+            env = gym.wrappers.ClipReward(env, -1.0, 1.0)
+        elif args.domain == "minigrid":
+            if args.minigrid_obs == "rgb":
+                env = RGBImgPartialObsWrapper(env, tile_size=28)  # 3x3 view -> 84x84 pixels
+            env = ImgObsWrapper(env)
+            if args.minigrid_obs == "rgb":
+                env = channels_first(env)
+        elif args.domain == "mujoco":
+            env = gym.wrappers.ClipAction(env)
+            env = gym.wrappers.NormalizeObservation(env)
+            env = gym.wrappers.TransformObservation(env, lambda obs: np.clip(obs, -10, 10), env.observation_space)
+        elif args.masked_indices:
+            size = env.observation_space.shape[0]
+            if any(not 0 <= i < size for i in args.masked_indices):
+                raise ValueError(f"--masked-indices {args.masked_indices} out of range for {size} observation entries")
+            mask = np.ones(size, dtype=env.observation_space.dtype)
+            mask[list(args.masked_indices)] = 0
+            env = gym.wrappers.TransformObservation(env, lambda obs: obs * mask, env.observation_space)
+        if args.frame_stack > 1 or args.domain == "atari":
+            env = gym.wrappers.FrameStackObservation(env, args.frame_stack)  # Atari: [frames, 84, 84]
+            shape = env.observation_space.shape
+            if len(shape) == 4 and args.minigrid_obs == "rgb":  # MiniGrid RGB: [frames * 3, 84, 84]
+                env = gym.wrappers.ReshapeObservation(env, (shape[0] * shape[1], *shape[2:]))
+            elif len(shape) == 2 and args.domain != "atari":  # vectors: [frames * size]
+                env = gym.wrappers.FlattenObservation(env)
+        if args.domain in ("mujoco", "classic"):
+            env = gym.wrappers.DtypeObservation(env, np.float32)
+        return env
+
+    return thunk
+
+
+def channels_first(env: gym.Env) -> gym.Env:
+    """[H, W, C] images -> [C, H, W], as torch's convolutions expect."""
+    space = env.observation_space
+    new_space = gym.spaces.Box(0, 255, (space.shape[2], *space.shape[:2]), np.uint8)
+    return gym.wrappers.TransformObservation(env, lambda obs: np.transpose(obs, (2, 0, 1)), new_space)
+
+
+def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
+    """Same-step autoreset: the observation returned with a done is already the next episode's first, so
+    `starts[t + 1] = terminated | truncated`, and the last observation is in `info["final_obs"]`."""
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(args, i, run_name) for i in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+    if args.domain in ("mujoco", "classic"):
+        # Returns of hundreds would swamp the trunk that the policy shares with the value head: scale them to
+        # about 1. The vector wrapper updates its statistics once per step for all envs, not once per env.
+        envs = gym.wrappers.vector.NormalizeReward(envs, gamma=args.gamma)
+        envs = gym.wrappers.vector.ClipReward(envs, -10.0, 10.0)
+    return envs
+
+
+def wrapper_chains(envs: gym.vector.VectorEnv) -> list[list]:
+    """Every wrapper around and inside the vector env, as one chain for the vector env and one per env."""
+    chains = [[]]
+    while isinstance(envs, gym.vector.VectorWrapper):
+        chains[0].append(envs)
+        envs = envs.env
+    for env in envs.envs:
+        chains.append([])
+        while isinstance(env, gym.Wrapper):
+            chains[-1].append(env)
+            env = env.env
+    return chains
+
+
+def env_statistics(envs: gym.vector.VectorEnv) -> list[list[dict]]:
+    """The running normalisation statistics, so a resumed run sees the same scaling."""
+    names = ("obs_rms", "return_rms")
+    return [[{n: getattr(w, n) for n in names if hasattr(w, n)} for w in chain] for chain in wrapper_chains(envs)]
+
+
+def load_env_statistics(envs: gym.vector.VectorEnv, stats: list[list[dict]]):
+    for chain, chain_stats in zip(wrapper_chains(envs), stats, strict=True):
+        for wrapper, found in zip(chain, chain_stats, strict=True):
+            for name, value in found.items():
+                setattr(wrapper, name, value)
+    # <<< shared: environments
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. Network: encoder (by domain) -> trunk (the only part that differs between scripts) -> heads
+# ---------------------------------------------------------------------------------------------------------
+# >>> shared: encoders
+def layer_init(layer: nn.Module, std: float = math.sqrt(2), bias_const: float = 0.0) -> nn.Module:
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class VectorEncoder(nn.Module):
+    def __init__(self, obs_size: int, hidden_size: int):
+        super().__init__()
+        self.net = nn.Sequential(layer_init(nn.Linear(obs_size, hidden_size)), nn.Tanh())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.float().flatten(1))
+
+
+class ConvEncoder(nn.Module):
+    """Nature DQN CNN (Mnih et al. 2015) on 84x84 uint8 images; MiniGrid uses a narrower copy."""
+
+    def __init__(self, in_channels: int, hidden_size: int, widths: tuple[int, int, int] = (32, 64, 64)):
+        super().__init__()
+        self.net = nn.Sequential(
+            layer_init(nn.Conv2d(in_channels, widths[0], 8, stride=4)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(widths[0], widths[1], 4, stride=2)),
+            nn.ReLU(),
+            layer_init(nn.Conv2d(widths[1], widths[2], 3, stride=1)),
+            nn.ReLU(),
+            nn.Flatten(),
+            layer_init(nn.Linear(widths[2] * 7 * 7, hidden_size)),
+            nn.ReLU(),
+        )
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(obs.float() / 255.0)
+
+
+class SymbolicEncoder(nn.Module):
+    """MiniGrid's (object, colour, state) index triples: one shared embedding table, offset per channel."""
+
+    def __init__(self, obs_shape: tuple[int, ...], hidden_size: int, embed_size: int = 8):
+        super().__init__()
+        sizes = (len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX))
+        self.register_buffer("offsets", torch.tensor([0, sizes[0], sizes[0] + sizes[1]]))
+        self.embed = nn.Embedding(sum(sizes), embed_size)
+        self.net = nn.Sequential(layer_init(nn.Linear(math.prod(obs_shape) * embed_size, hidden_size)), nn.Tanh())
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.net(self.embed(obs.long() + self.offsets).flatten(1))
+
+
+def make_encoder(obs_space: gym.spaces.Box, args: Args) -> nn.Module:
+    if args.domain == "atari":
+        return ConvEncoder(obs_space.shape[0], args.hidden_size)
+    if args.domain == "minigrid" and args.minigrid_obs == "rgb":
+        return ConvEncoder(obs_space.shape[0], args.hidden_size, widths=(16, 32, 32))
+    if args.domain == "minigrid":
+        return SymbolicEncoder(obs_space.shape, args.hidden_size)
+    return VectorEncoder(math.prod(obs_space.shape), args.hidden_size)
+    # <<< shared: encoders
+
+
+def causal_conv(x: torch.Tensor, window: torch.Tensor, conv: nn.Conv1d, starts: torch.Tensor):
+    """Depthwise causal convolution that never reaches back past an episode start.
+
+    x [T, B, C]; window [B, K - 1, C]: the K - 1 inputs before x, zeros where they belong to an earlier episode.
+    Returns the output [T, B, C] and the next window. Each of the K taps is one batched multiply, masked where
+    the tap's input lies before the output step's episode start: exact at starts anywhere, no loop over time.
+    """
+    taps = conv.weight.shape[-1]
+    if len(x) == 1:  # the rollout's one step: forget the window at a start, then one dot product per channel
+        inputs = torch.cat([window * (1 - starts[0])[:, None, None], x.transpose(0, 1)], 1)  # [B, K, C]
+        return ((inputs * conv.weight[:, 0].T).sum(1) + conv.bias)[None], inputs[:, 1:]
+    padded = torch.cat([window.transpose(0, 1), x])  # [K - 1 + T, B, C]
+    episode = torch.cat([starts.new_zeros(taps - 1, starts.shape[1]), starts.cumsum(0)])  # episode index per step
+    out = conv.bias
+    for tap in range(taps):  # nn.Conv1d's cross-correlation: tap k reads the input K - 1 - k steps back
+        same_episode = (episode[tap : tap + len(x)] == episode[taps - 1 :])[..., None]
+        out = out + conv.weight[:, 0, tap] * padded[tap : tap + len(x)] * same_episode
+    last = len(padded) - (taps - 1)  # the window after this call: the last K - 1 inputs, this episode's only
+    keep = (episode[last:] == episode[-1])[..., None]
+    return out, (padded[last:] * keep).transpose(0, 1)
+
+
+def segment_sums(a: torch.Tensor) -> torch.Tensor:
+    """a [..., L] -> [..., L, L] with out[..., i, j] = a[j + 1] + ... + a[i] for j <= i, -inf above the diagonal.
+
+    Built by cumulative sums of masked copies, never by differences of cumulative sums: a log-decay of -inf at
+    an episode start then gives -inf (decay 0) across the start and never inf - inf (Dao and Gu 2024, Listing 1).
+    """
+    length = a.shape[-1]
+    below = torch.tril(torch.ones(length, length, dtype=torch.bool, device=a.device), diagonal=-1)
+    sums = a[..., :, None].expand(*a.shape, length).masked_fill(~below, 0).cumsum(-2)  # [..., k, j] holds a[k]
+    return sums.masked_fill(~torch.tril(torch.ones_like(below)), -torch.inf)
+
+
+def ssd(x, dt, A, B, C, starts, initial_state, chunk_size: int):
+    """Mamba-2's state-space duality (Dao and Gu 2024, section 6 and Listing 1), with exact episode starts.
+
+    x [T, N_env, H, P], dt [T, N_env, H] (after softplus), A [H] (negative), B and C [T, N_env, S],
+    starts [T, N_env] bool, initial_state [N_env, H, P, S]. The recurrence is h_t = exp(dt_t A) h_{t-1} +
+    dt_t B_t x_t, y_t = C_t h_t; a start sets the decay into its step to 0 (log-decay -inf), so no state
+    crosses it, whether it came from an earlier step or from initial_state. Quadratic within chunks of
+    chunk_size steps, a recurrence over chunks; all in float32. Returns y [T, N_env, H, P] and h after step T - 1.
+    """
+    steps, num_envs, heads, _ = x.shape
+    length = min(chunk_size, steps)
+    pad = -steps % length  # padded steps: decay 1 and input 0, so they leave the state as it is
+    log_decay = (dt * A).masked_fill(starts[..., None], -torch.inf)
+    x = x * dt[..., None]
+    if pad:
+        x, B, C = (nn.functional.pad(t, (0, 0) * (t.dim() - 1) + (0, pad)) for t in (x, B, C))
+        log_decay = nn.functional.pad(log_decay, (0, 0, 0, 0, 0, pad))
+    chunks = (steps + pad) // length
+    x = x.reshape(chunks, length, num_envs, heads, -1).permute(2, 0, 1, 3, 4)  # [E, c, l, H, P]
+    B, C = (t.reshape(chunks, length, num_envs, -1).permute(2, 0, 1, 3) for t in (B, C))  # [E, c, l, S]
+    a = log_decay.reshape(chunks, length, num_envs, heads).permute(2, 3, 0, 1)  # [E, H, c, l]
+    a_cumsum = a.cumsum(-1)
+
+    # Within each chunk: y_t = sum over s <= t of C_t . B_s * decay(s -> t) * x_s
+    y = torch.einsum("eclS,ecsS,ehcls,ecshp->eclhp", C, B, segment_sums(a).exp(), x)
+    # Each chunk's own contribution to the state at its end: decay from s + 1 to the chunk's last step
+    to_end = torch.cat([a[..., 1:], torch.zeros_like(a[..., :1])], -1).flip(-1).cumsum(-1).flip(-1)
+    states = torch.einsum("eclS,ehcl,eclhp->echpS", B, to_end.exp(), x)
+    # Across chunks: the state entering each chunk, starting from initial_state
+    states = torch.cat([initial_state[:, None], states], 1)
+    across = segment_sums(nn.functional.pad(a_cumsum[..., -1], (1, 0))).exp()  # [E, H, c + 1, c + 1]
+    states = torch.einsum("ehzc,echpS->ezhpS", across, states)
+    entering, final_state = states[:, :-1], states[:, -1]
+    y = y + torch.einsum("eclS,echpS,ehcl->eclhp", C, entering, a_cumsum.exp())
+    return y.reshape(num_envs, chunks * length, heads, -1)[:, :steps].transpose(0, 1), final_state
+
+
+def mamba_ssm_kernel():
+    """mamba-ssm's Triton SSD kernel, or None and why (mamba-ssm installs only against CUDA builds of torch)."""
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except ImportError as error:
+        return None, f"mamba-ssm is not importable ({error})"
+    return mamba_chunk_scan_combined, None
+
+
+class Mamba2Mixer(nn.Module):
+    """The Mamba-2 mixer (Dao and Gu 2024, section 7 and Figure 6): one input projection gives the gate z,
+    x with B and C (through a causal depthwise convolution and SiLU) and the step sizes dt; A is a scalar per
+    head (times the identity), B and C are shared by all heads (one group); the SSD output plus D x is gated
+    by SiLU(z), normalised (gated RMSNorm) and projected back. Its state: the convolution's window of the
+    last K - 1 inputs and the SSM state h [heads, head_size, state_size]."""
+
+    def __init__(self, size: int, args: Args):
+        super().__init__()
+        heads, head_size, state_size = args.num_heads, args.head_size, args.state_size
+        inner, conv_channels = heads * head_size, heads * head_size + 2 * state_size
+        self.shape = (heads, head_size, state_size)
+        self.in_proj = nn.Linear(size, inner + conv_channels + heads, bias=False)
+        self.conv = nn.Conv1d(conv_channels, conv_channels, args.conv_size, groups=conv_channels)
+        # dt starts log-uniform in [1e-3, 1e-1] and A uniform in [-16, -1], as in the reference implementation
+        dt = torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
+        self.D = nn.Parameter(torch.ones(heads))
+        self.norm = nn.RMSNorm(inner, eps=1e-5)
+        self.out_proj = nn.Linear(inner, size, bias=False)
+        self.chunk_size = args.chunk_size
+
+    def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        window = torch.zeros(num_envs, self.conv.kernel_size[0] - 1, self.conv.in_channels, device=device)
+        return window, torch.zeros(num_envs, *self.shape, device=device)
+
+    def forward(self, u: torch.Tensor, state, starts: torch.Tensor, kernel=None):
+        (heads, head_size, state_size), (window, ssm_state) = self.shape, state
+        inner = heads * head_size
+        z, xBC, dt = self.in_proj(u).split([inner, inner + 2 * state_size, heads], -1)
+        xBC, window = causal_conv(xBC, window, self.conv, starts)
+        x, B, C = nn.functional.silu(xBC).split([inner, state_size, state_size], -1)
+        x = x.unflatten(-1, (heads, head_size))
+        dt = nn.functional.softplus(dt + self.dt_bias)
+        A = -self.A_log.exp()
+        if kernel is None and len(u) == 1:  # the rollout's one step: the recurrence itself
+            decay = torch.exp(dt[0] * A).masked_fill(starts[0, :, None].bool(), 0)
+            ssm_state = torch.addcmul(decay[..., None, None] * ssm_state, (dt[0, ..., None] * x[0])[..., None],
+                                      B[0, :, None, None])  # fmt: skip
+            y = (ssm_state @ C[0, :, None, :, None]).squeeze(-1)[None]
+        elif kernel is None:
+            y, ssm_state = ssd(x, dt, A, B, C, starts.bool(), ssm_state, self.chunk_size)
+        else:  # seq_idx numbers the episodes; initial_states applies only before the first start
+            y, ssm_state = kernel(
+                x.transpose(0, 1).contiguous(), dt.transpose(0, 1).contiguous(), A,
+                B.transpose(0, 1)[:, :, None].contiguous(), C.transpose(0, 1)[:, :, None].contiguous(),
+                self.chunk_size, initial_states=ssm_state.contiguous(),
+                seq_idx=starts.T.cumsum(1).to(torch.int32).contiguous(), return_final_states=True,
+            )  # fmt: skip
+            y = y.transpose(0, 1)
+        y = y + x * self.D[:, None]
+        y = self.norm(y.flatten(-2) * nn.functional.silu(z))
+        return self.out_proj(y), (window, ssm_state)
+
+
+class Trunk(nn.Module):
+    """`num_layers` Mamba-2 blocks (pre-norm residual: x + mixer(RMSNorm(x))) and a final RMSNorm.
+
+    The state of each layer (convolution window, SSM state) restarts from zero at every episode start, in the
+    rollout (one step per call) and in training (whole rollout sequences from the state stored at the rollout's
+    start, starts anywhere inside): the convolution masks the taps that reach across a start and the SSD sets
+    the decay into a start to zero. No loop over time steps: the SSD is a few einsums per chunk.
+    `--mamba-backend cuda` runs mamba-ssm's `mamba_chunk_scan_combined` (seq_idx and initial_states, exact
+    resets; it computes in TF32) on a CUDA device, in the rollout and in training alike so the two agree.
+    `auto` takes the torch path: at rollout length 128 it was as fast as the kernel on an H200 (DESIGN 9).
+    """
+
+    def __init__(self, input_size: int, args: Args):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.RMSNorm(input_size, eps=1e-5) for _ in range(args.num_layers))
+        self.mixers = nn.ModuleList(Mamba2Mixer(input_size, args) for _ in range(args.num_layers))
+        self.final_norm = nn.RMSNorm(input_size, eps=1e-5)
+        self.output_size = input_size
+        self.state_reset = not args.no_state_reset
+        self.backend, self.cuda_kernel, self.why_torch = args.mamba_backend, None, None
+        if self.backend == "cuda":
+            self.cuda_kernel, self.why_torch = mamba_ssm_kernel()
+            if self.why_torch:
+                print(f"--mamba-backend cuda: {self.why_torch}; using the torch path", file=sys.stderr)
+
+    def kernel_for(self, device: torch.device):
+        return self.cuda_kernel if device.type == "cuda" else None
+
+    @property
+    def kernel(self) -> str:
+        if self.kernel_for(self.final_norm.weight.device) is not None:
+            return "mamba-ssm mamba_chunk_scan_combined (Triton, TF32)"
+        reason = f"; cuda backend: {self.why_torch}" if self.why_torch else ""
+        return f"torch chunked SSD (chunk {self.mixers[0].chunk_size}){reason}"
+
+    def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(convolution windows [num_envs, layers, K - 1, channels], SSM states [num_envs, layers, H, P, N])."""
+        states = [mixer.initial_state(num_envs, device) for mixer in self.mixers]
+        return torch.stack([w for w, _ in states], 1), torch.stack([h for _, h in states], 1)
+
+    def forward(self, x: torch.Tensor, state, starts: torch.Tensor):
+        """x [T, B, input_size], starts [T, B] -> y [T, B, input_size], state after step T - 1."""
+        starts = starts.long() if self.state_reset else torch.zeros_like(starts, dtype=torch.long)
+        kernel, windows, ssm_states = self.kernel_for(x.device), [], []
+        for layer, (norm, mixer) in enumerate(zip(self.norms, self.mixers, strict=True)):
+            out, (window, ssm_state) = mixer(norm(x), (state[0][:, layer], state[1][:, layer]), starts, kernel)
+            x = x + out
+            windows.append(window)
+            ssm_states.append(ssm_state)
+        return self.final_norm(x), (torch.stack(windows, 1), torch.stack(ssm_states, 1))
+
+
+# >>> shared: agent
+class Agent(nn.Module):
+    """Encoder -> trunk -> policy and value heads. Inputs are [T, B, ...] with `starts` [T, B] marking each
+    episode's first observation; every state tensor keeps the environment axis first."""
+
+    def __init__(self, obs_space: gym.spaces.Box, action_space: gym.Space, args: Args):
+        super().__init__()
+        self.encoder = make_encoder(obs_space, args)
+        self.trunk = Trunk(args.hidden_size, args)
+        self.critic = layer_init(nn.Linear(self.trunk.output_size, 1), std=1.0)
+        self.continuous = isinstance(action_space, gym.spaces.Box)
+        num_outputs = action_space.shape[0] if self.continuous else action_space.n
+        self.actor = layer_init(nn.Linear(self.trunk.output_size, num_outputs), std=0.01)
+        if self.continuous:  # diagonal Gaussian with a state-independent log standard deviation
+            self.actor_logstd = nn.Parameter(torch.zeros(num_outputs))
+
+    def initial_state(self, num_envs: int, device: torch.device):
+        return self.trunk.initial_state(num_envs, device)
+
+    def features(self, obs: torch.Tensor, state, starts: torch.Tensor):
+        num_steps, num_envs = obs.shape[:2]
+        x = self.encoder(obs.reshape(num_steps * num_envs, *obs.shape[2:]))
+        return self.trunk(x.reshape(num_steps, num_envs, -1), state, starts.float())
+
+    def get_value(self, obs: torch.Tensor, state, starts: torch.Tensor):
+        hidden, state = self.features(obs, state, starts)
+        return self.critic(hidden).squeeze(-1), state
+
+    def get_action_and_value(self, obs: torch.Tensor, state, starts: torch.Tensor, action: torch.Tensor | None = None):
+        hidden, state = self.features(obs, state, starts)
+        if self.continuous:
+            mean = self.actor(hidden)
+            dist = Normal(mean, self.actor_logstd.exp().expand_as(mean), validate_args=False)
+        else:
+            dist = Categorical(logits=self.actor(hidden), validate_args=False)
+        if action is None:
+            action = dist.sample()
+        logprob, entropy = dist.log_prob(action), dist.entropy()
+        if self.continuous:  # independent action dimensions: sum over the last axis
+            logprob, entropy = logprob.sum(-1), entropy.sum(-1)
+        return action, logprob, entropy, self.critic(hidden).squeeze(-1), state
+
+    # <<< shared: agent
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. Profiling helpers
+# ---------------------------------------------------------------------------------------------------------
+# >>> shared: profiling
+def synchronize(device: torch.device):
+    """CUDA runs asynchronously: wait for it, so a timer measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_cpu_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # Linux reports KiB
+
+
+def peak_gpu_memory_gb(device: torch.device) -> tuple[float | None, float | None]:
+    if device.type != "cuda":
+        return None, None
+    return torch.cuda.max_memory_allocated(device) / 1024**3, torch.cuda.max_memory_reserved(device) / 1024**3
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return (
+        f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    )
+
+
+VERSIONED_PACKAGES = ("torch", "gymnasium", "ale-py", "minigrid", "mujoco", "mamba-ssm")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def state_for_envs(state, env_ids: torch.Tensor):
+    """Select environments from a trunk state: None, a tensor, or a tuple of tensors (environments first)."""
+    if state is None:
+        return None
+    if isinstance(state, torch.Tensor):
+        return state[env_ids]
+    return tuple(part[env_ids] for part in state)
+
+
+def write_json(path: Path, data: dict):
+    """Write to a temporary file and rename it, so a reader never sees half a summary."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(path)
+    # <<< shared: profiling
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 8. Training
+# ---------------------------------------------------------------------------------------------------------
+# >>> shared: main
+def main(args: Args) -> None:
+    # ---- Setup: run directory, seeds, device, envs, agent; or all of it from a checkpoint ----
+    if args.resume:
+        run_dir = Path(args.resume)
+        checkpoint = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    else:
+        run_dir = Path("runs") / f"{args.env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        checkpoint = None
+    run_name = run_dir.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.torch_deterministic:  # TF32 (cuDNN's default) moves GPU outputs by ~2e-4: rollout and training disagree
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    envs = make_envs(args, run_name)
+    agent = Agent(envs.single_observation_space, envs.single_action_space, args).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    num_params = sum(p.numel() for p in agent.parameters())
+    print(f"{run_name}: {ARCH} on {args.env_id} ({args.domain}), {num_params:,} parameters, {device_name(device)}")
+
+    start_iteration, wall_before, episodes, ratio_error = 0, 0.0, [], 0.0
+    if checkpoint:
+        agent.load_state_dict(checkpoint["agent"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        load_env_statistics(envs, checkpoint["env_statistics"])
+        torch.set_rng_state(checkpoint["torch_rng"])
+        np.random.set_state(checkpoint["numpy_rng"])
+        random.setstate(checkpoint["python_rng"])
+        start_iteration, wall_before = checkpoint["iteration"], checkpoint["wall_s"]
+        episodes, ratio_error = (checkpoint["episodes"], checkpoint["first_minibatch_ratio_error"])
+        print(f"resuming {run_name} at step {start_iteration * args.batch_size:,}")
+    writer = SummaryWriter(run_dir, purge_step=start_iteration * args.batch_size if checkpoint else None)
+    if args.track:
+        wandb.init(project=args.wandb_project_name, config=vars(args), name=run_name, id=run_name, resume="allow",
+                   sync_tensorboard=True)  # fmt: skip
+    writer.add_text(
+        "hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    )
+    writer.add_text("model", f"{ARCH}, {num_params} parameters, kernel {agent.trunk.kernel}, {device_name(device)}")
+
+    # ---- Rollout storage: [num_steps, num_envs, ...], observations in their own dtype ----
+    obs_dtype = torch.from_numpy(np.zeros(0, envs.single_observation_space.dtype)).dtype
+    obs = torch.zeros((args.num_steps, args.num_envs, *envs.single_observation_space.shape), dtype=obs_dtype).to(device)
+    continuous = isinstance(envs.single_action_space, gym.spaces.Box)
+    actions = torch.zeros((args.num_steps, args.num_envs, *envs.single_action_space.shape),
+                          dtype=torch.float32 if continuous else torch.long).to(device)  # fmt: skip
+    logprobs, rewards, values, starts = (torch.zeros((args.num_steps, args.num_envs)).to(device) for _ in range(4))
+
+    # SLURM preemption and Ctrl-C: finish the current step, checkpoint the last full update, exit.
+    stop_signals = []
+    previous_handlers = {
+        signum: signal.signal(signum, lambda received, _: stop_signals.append(received))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+
+    next_obs_np, _ = envs.reset(seed=args.seed + start_iteration * args.num_envs)
+    next_obs = torch.as_tensor(next_obs_np, device=device)
+    next_starts = torch.ones(args.num_envs, device=device)
+    state = agent.initial_state(args.num_envs, device)
+    latencies = deque(maxlen=10_000)  # seconds per batched forward in the rollout
+    timings = {"rollout": 0.0, "update": 0.0}
+    start_time = last_print = time.time()
+    completed = start_iteration  # updates done; a checkpoint holds exactly these
+
+    def write_summary(status: str, reason: str | None = None):
+        recent = [ret for _, ret, _ in episodes[-100:]]
+        gpu_allocated, gpu_reserved = peak_gpu_memory_gb(device)
+        steps_here = (completed - start_iteration) * args.batch_size
+        with open(run_dir / "episodes.csv", "w", newline="") as f:
+            csv.writer(f).writerows([("global_step", "episodic_return", "episodic_length"), *episodes])
+        write_json(run_dir / "summary.json", {
+            "script": Path(__file__).name, "arch": ARCH, "env_id": args.env_id, "domain": args.domain,
+            "seed": args.seed, "args": vars(args), "run_name": run_name, "status": status, "reason": reason,
+            "global_step": completed * args.batch_size, "total_timesteps": args.total_timesteps,
+            "wall_s": wall_before + time.time() - start_time,
+            "sps": steps_here / max(time.time() - start_time, 1e-9),
+            "rollout_sps": steps_here / max(timings["rollout"], 1e-9),
+            "update_sps": steps_here / max(timings["update"], 1e-9),
+            "inference_latency_ms": 1e3 * statistics.median(latencies) if latencies else None,
+            "cpu_rss_gb": peak_cpu_rss_gb(), "gpu_mem_allocated_gb": gpu_allocated, "gpu_mem_reserved_gb": gpu_reserved,
+            "params": num_params, "final_return_mean": sum(recent) / len(recent) if recent else None,
+            "episodes": len(episodes), "return_curve": "episodes.csv",
+            "first_minibatch_ratio_error": ratio_error, "kernel": agent.trunk.kernel, "device": device_name(device),
+            "versions": {name: package_version(name) for name in VERSIONED_PACKAGES},
+        })  # fmt: skip
+
+    def save_checkpoint():
+        torch.save({
+            "args": vars(args), "iteration": completed,
+            "agent": agent.state_dict(), "optimizer": optimizer.state_dict(),
+            "env_statistics": env_statistics(envs), "episodes": episodes, "first_minibatch_ratio_error": ratio_error,
+            "wall_s": wall_before + time.time() - start_time, "torch_rng": torch.get_rng_state(),
+            "numpy_rng": np.random.get_state(), "python_rng": random.getstate(),
+        }, run_dir / "checkpoint.tmp")  # fmt: skip
+        (run_dir / "checkpoint.tmp").replace(run_dir / "checkpoint.pt")
+
+    try:
+        for iteration in range(start_iteration + 1, args.num_iterations + 1):
+            learning_rate = args.learning_rate
+            if args.anneal_lr:
+                learning_rate *= 1.0 - (iteration - 1.0) / args.num_iterations
+                optimizer.param_groups[0]["lr"] = learning_rate
+
+            # ---- Rollout: one batched forward per env step, state carried, reset at starts ----
+            rollout_state = state  # the state before step 0 is where training replays each sequence from
+            new_episodes = []
+            tic = time.perf_counter()
+            for step in range(args.num_steps):
+                obs[step], starts[step] = next_obs, next_starts
+                forward_tic = time.perf_counter()
+                with torch.no_grad():
+                    action, logprob, _, value, state = agent.get_action_and_value(
+                        next_obs[None], state, next_starts[None]
+                    )
+                synchronize(device)
+                latencies.append(time.perf_counter() - forward_tic)
+                actions[step], logprobs[step], values[step] = (action[0], logprob[0], value[0])
+                next_obs_np, reward, terminated, truncated, info = envs.step(action[0].cpu().numpy())
+                time_limited = truncated & ~terminated
+                if time_limited.any():  # the return goes on past a time limit: bootstrap with V(final obs)
+                    final_obs = next_obs_np.copy()
+                    final_obs[time_limited] = np.stack(info["final_obs"][time_limited])
+                    with torch.no_grad():  # under the pre-reset state, as if the episode continued
+                        final_value, _ = agent.get_value(torch.as_tensor(final_obs, device=device)[None], state,
+                                                         torch.zeros_like(next_starts)[None])  # fmt: skip
+                    reward = reward + args.gamma * final_value[0].cpu().numpy() * time_limited
+                rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
+                next_obs = torch.as_tensor(next_obs_np, device=device)
+                next_starts = torch.as_tensor(terminated | truncated, dtype=torch.float32, device=device)
+                if "episode" in info.get("final_info", {}):
+                    episode = info["final_info"]["episode"]
+                    step_count = (iteration - 1) * args.batch_size + (step + 1) * args.num_envs
+                    for i in np.flatnonzero(info["final_info"]["_episode"]):
+                        new_episodes.append((step_count, float(episode["r"][i]), int(episode["l"][i])))
+                if stop_signals:
+                    break
+            if stop_signals:  # a partial rollout is dropped: the checkpoint holds the last full update
+                break
+            timings["rollout"] += (rollout_time := time.perf_counter() - tic)
+            global_step = iteration * args.batch_size
+            episodes += new_episodes
+            for step_count, episodic_return, episodic_length in new_episodes:
+                writer.add_scalar("charts/episodic_return", episodic_return, step_count)
+                writer.add_scalar("charts/episodic_length", episodic_length, step_count)
+
+            # ---- GAE: the boundary after step t is starts[t + 1] (termination bootstraps 0) ----
+            tic = time.perf_counter()
+            with torch.no_grad():
+                next_value, _ = agent.get_value(next_obs[None], state, next_starts[None])
+                advantages = torch.zeros_like(rewards)
+                last_gae = torch.zeros(args.num_envs, device=device)
+                for t in reversed(range(args.num_steps)):
+                    next_nonterminal = 1.0 - (next_starts if t == args.num_steps - 1 else starts[t + 1])
+                    next_values = next_value[0] if t == args.num_steps - 1 else values[t + 1]
+                    delta = rewards[t] + args.gamma * next_values * next_nonterminal - values[t]
+                    advantages[t] = last_gae = delta + args.gamma * args.gae_lambda * next_nonterminal * last_gae
+                returns = advantages + values
+
+            # ---- PPO update: minibatches of whole environments, each sequence replayed from rollout_state ----
+            envs_per_minibatch = args.num_envs // args.num_minibatches
+            clipfracs = []
+            for epoch in range(args.update_epochs):
+                env_order = torch.randperm(args.num_envs, device=device)
+                for first in range(0, args.num_envs, envs_per_minibatch):
+                    mb = env_order[first : first + envs_per_minibatch]
+                    _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
+                        obs[:, mb], state_for_envs(rollout_state, mb), starts[:, mb], actions[:, mb]
+                    )
+                    logratio = newlogprob - logprobs[:, mb]
+                    ratio = logratio.exp()
+                    with torch.no_grad():
+                        old_approx_kl = (-logratio).mean()
+                        approx_kl = ((ratio - 1) - logratio).mean()
+                        clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+                        if epoch == 0 and first == 0:  # before any gradient step: invariant 3, measured
+                            first_error = (ratio - 1.0).abs().max().item()
+                            ratio_error = max(ratio_error, first_error)
+
+                    mb_advantages = advantages[:, mb]
+                    if args.norm_adv:
+                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
+                    pg_loss1 = -mb_advantages * ratio
+                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+                    if args.clip_vloss:
+                        v_loss_unclipped = (newvalue - returns[:, mb]) ** 2
+                        v_clipped = values[:, mb] + torch.clamp(
+                            newvalue - values[:, mb], -args.clip_coef, args.clip_coef
+                        )
+                        v_loss_clipped = (v_clipped - returns[:, mb]) ** 2
+                        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+                    else:
+                        v_loss = 0.5 * ((newvalue - returns[:, mb]) ** 2).mean()
+
+                    entropy_loss = entropy.mean()
+                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"non-finite loss at update {iteration} (step {global_step})")
+                    optimizer.zero_grad()
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    optimizer.step()
+
+                if args.target_kl is not None and approx_kl > args.target_kl:
+                    break
+            synchronize(device)
+            timings["update"] += (update_time := time.perf_counter() - tic)
+            completed = iteration
+
+            # ---- Logging, progress, checkpoint ----
+            y_pred, y_true = (values.flatten().cpu().numpy(), returns.flatten().cpu().numpy())
+            var_y = np.var(y_true)
+            explained_var = np.nan if var_y == 0 else 1 - np.var(y_true - y_pred) / var_y
+            sps = (global_step - start_iteration * args.batch_size) / (time.time() - start_time)
+            scalars = {
+                "charts/learning_rate": learning_rate, "charts/SPS": sps,
+                "losses/value_loss": v_loss.item(), "losses/policy_loss": pg_loss.item(),
+                "losses/entropy": entropy_loss.item(), "losses/old_approx_kl": old_approx_kl.item(),
+                "losses/approx_kl": approx_kl.item(), "losses/clipfrac": torch.stack(clipfracs).mean().item(),
+                "losses/explained_variance": explained_var,
+                "perf/rollout_sps": args.batch_size / rollout_time, "perf/update_sps": args.batch_size / update_time,
+                "perf/inference_latency_ms": 1e3 * statistics.median(list(latencies)[-args.num_steps :]),
+                "perf/cpu_rss_gb": peak_cpu_rss_gb(), "debug/first_minibatch_ratio_error": first_error,
+            }  # fmt: skip
+            if device.type == "cuda":
+                (scalars["perf/gpu_mem_allocated_gb"], scalars["perf/gpu_mem_reserved_gb"]) = peak_gpu_memory_gb(device)
+            for key, value in scalars.items():
+                writer.add_scalar(key, value, global_step)
+            if time.time() - last_print > 10 or iteration in (start_iteration + 1, args.num_iterations):
+                last_print = time.time()
+                recent = [ret for _, ret, _ in episodes[-100:]]
+                left = (args.num_iterations - iteration) * args.batch_size / sps
+                print(f"step {global_step:>10,}/{args.num_iterations * args.batch_size:,} | {sps:7,.0f} SPS | "
+                      f"return {sum(recent) / len(recent) if recent else float('nan'):8.2f} | "
+                      f"{time.strftime('%H:%M:%S', time.gmtime(left))} left", flush=True)  # fmt: skip
+            if iteration % args.checkpoint_interval == 0 or iteration == args.num_iterations:
+                save_checkpoint()
+                write_summary("running")
+            if stop_signals:
+                break
+    except Exception as error:  # the last good checkpoint stays; the summary says why the run stopped
+        write_summary("failed", f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
+        writer.close()
+        envs.close()
+        if args.track:
+            wandb.finish()
+
+    if stop_signals:
+        save_checkpoint()
+        write_summary("interrupted", f"received {signal.Signals(stop_signals[0]).name} at update {completed}")
+        print(f"interrupted: continue with  python {Path(__file__).name} --resume {run_dir}", file=sys.stderr)
+        sys.exit(128 + stop_signals[0])
+    write_summary("complete")
+    # <<< shared: main
+
+
+if __name__ == "__main__":
+    main(parse_args())

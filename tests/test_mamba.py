@@ -1,0 +1,182 @@
+"""Mamba and Mamba-2 trunks (ppo_mamba.py, ppo_mamba2.py): the scan, the SSD and the convolution against a
+step-by-step float64 recurrence with starts anywhere and a warm initial state, gradients through starts, the
+backend choice, and the mamba-ssm kernel against the torch path where CUDA and mamba-ssm exist."""
+
+import pytest
+import torch
+from conftest import DOMAINS, ROOT, TINY, load, run_script
+
+MAMBA, MAMBA2 = ROOT / "ppo_mamba.py", ROOT / "ppo_mamba2.py"
+STEPS, ENVS = 13, 3
+
+
+def episode_starts() -> torch.Tensor:
+    starts = torch.zeros(STEPS, ENVS, dtype=torch.bool)
+    starts[[0, 4, 5, 9, 12], [0, 1, 1, 2, 0]] = True  # at the first step, back to back, at the last step
+    return starts
+
+
+def recurrence(x, dt, decay, B, C, starts, state):
+    """The SSM one step at a time: h = decay * h + dt B x, zeroed before a start; y = C h."""
+    outputs = []
+    for t in range(len(x)):
+        keep = (~starts[t]).double().reshape(-1, *[1] * (state.dim() - 1))
+        state = keep * decay[t] * state + dt[t][..., None] * x[t][..., None] * B[t].reshape(
+            ENVS, *[1] * (state.dim() - 2), -1
+        )
+        outputs.append((state * C[t].reshape(ENVS, *[1] * (state.dim() - 2), -1)).sum(-1))
+    return torch.stack(outputs), state
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, STEPS, 64])
+def test_ssd_equals_the_recurrence(chunk_size):
+    ssd = load(MAMBA2).ssd
+    torch.manual_seed(0)
+    heads, head_size, state_size = 2, 4, 5
+    x = torch.randn(STEPS, ENVS, heads, head_size, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(torch.randn(STEPS, ENVS, heads, dtype=torch.float64))
+    A = -3 * torch.rand(heads, dtype=torch.float64)
+    B, C = torch.randn(2, STEPS, ENVS, state_size, dtype=torch.float64)
+    initial = torch.randn(ENVS, heads, head_size, state_size, dtype=torch.float64)
+    starts = episode_starts()
+    decay = torch.exp(dt * A)[..., None, None]
+    expected_y, expected_state = recurrence(x, dt[..., None], decay, B, C, starts, initial)
+    y, state = ssd(x, dt, A, B, C, starts, initial, chunk_size)
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-12)
+
+
+def scan_inputs(inner: int = 6, state_size: int = 5):
+    torch.manual_seed(0)
+    x = torch.randn(STEPS, ENVS, inner, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(torch.randn(STEPS, ENVS, inner, dtype=torch.float64))
+    A = -3 * torch.rand(inner, state_size, dtype=torch.float64)
+    B, C = torch.randn(2, STEPS, ENVS, state_size, dtype=torch.float64)
+    initial = torch.randn(ENVS, inner, state_size, dtype=torch.float64)
+    return x, dt, A, B, C, initial
+
+
+def test_selective_scan_equals_the_recurrence():
+    scan = load(MAMBA).SelectiveScan.apply
+    x, dt, A, B, C, initial = scan_inputs()
+    starts = episode_starts()
+    expected_y, expected_state = recurrence(x, dt, torch.exp(dt[..., None] * A), B, C, starts, initial)
+    y, state = scan(x, dt, A, B, C, (~starts).double(), initial)
+    torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-12)
+    torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-12)
+
+
+def test_selective_scan_gradients_equal_autograd_through_the_recurrence():
+    """The scan's backward is written by hand: every gradient against autograd through the step-by-step loop."""
+    scan = load(MAMBA).SelectiveScan.apply
+    inputs = [t.requires_grad_() for t in scan_inputs()]
+    keep = (~episode_starts()).double()
+
+    def loss(y, state):  # weights every output and the final state differently
+        return (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum() + state.square().sum()
+
+    x, dt, A, B, C, initial = inputs
+    expected = torch.autograd.grad(loss(*recurrence(x, dt, torch.exp(dt[..., None] * A), B, C, keep == 0, initial)),
+                                   inputs)  # fmt: skip
+    got = torch.autograd.grad(loss(*scan(x, dt, A, B, C, keep, initial)), inputs)
+    for name, e, g in zip(["x", "dt", "A", "B", "C", "initial_state"], expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
+@pytest.mark.parametrize("taps", [1, 2, 4])
+def test_convolution_never_reads_across_a_start(script, taps):
+    causal_conv = load(script).causal_conv
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, taps, groups=6).double()
+    x = torch.randn(STEPS, ENVS, 6, dtype=torch.float64)
+    window = torch.randn(ENVS, taps - 1, 6, dtype=torch.float64)
+    starts = episode_starts()
+    y, next_window = causal_conv(x, window, conv, starts.long())
+    outputs = []
+    for t in range(STEPS):  # step by step: forget the window at a start, then slide it
+        window = window * (~starts[t]).double()[:, None, None]
+        inputs = torch.cat([window, x[t][:, None]], 1)  # [ENVS, taps, 6]
+        outputs.append((inputs * conv.weight[:, 0].T).sum(1) + conv.bias)
+        window = inputs[:, 1:]
+    torch.testing.assert_close(y, torch.stack(outputs), rtol=0, atol=1e-12)
+    torch.testing.assert_close(next_window, window, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
+def test_gradients_are_finite_across_starts(script):
+    """A start sets a log-decay to -inf (Mamba-2) or a decay to 0 (Mamba): no NaN may reach the weights."""
+    module = load(script)
+    args = module.parse_args([*DOMAINS["classic"], "--num-layers", "2"])
+    torch.manual_seed(0)
+    trunk = module.Trunk(args.hidden_size, args)
+    x = torch.randn(64, ENVS, args.hidden_size)
+    starts = torch.zeros(64, ENVS)
+    starts[[0, 10, 11, 63], [0, 1, 1, 2]] = 1
+    y, state = trunk(x, trunk.initial_state(ENVS, torch.device("cpu")), starts)
+    (y.square().mean() + sum(part.square().mean() for part in state)).backward()
+    assert all(torch.isfinite(p.grad).all() for p in trunk.parameters())
+
+
+@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
+def test_state_is_the_convolution_window_and_the_ssm_state(script):
+    module = load(script)
+    args = module.parse_args([*DOMAINS["minigrid-symbolic"]])
+    trunk = module.Trunk(args.hidden_size, args)
+    window, ssm_state = trunk.initial_state(5, torch.device("cpu"))
+    assert window.shape[:3] == (5, args.num_layers, args.conv_size - 1)
+    if script == MAMBA2:
+        assert ssm_state.shape == (5, args.num_layers, args.num_heads, args.head_size, args.state_size)
+    else:
+        assert ssm_state.shape == (5, args.num_layers, args.expand * args.hidden_size, args.state_size)
+    _, after = trunk(torch.randn(300, 5, args.hidden_size), (window, ssm_state), torch.zeros(300, 5))
+    assert [part.shape for part in after] == [window.shape, ssm_state.shape]  # fixed size, however long
+
+
+@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
+def test_cuda_backend_without_the_kernel_says_why_and_trains_with_torch(script, tmp_path):
+    result = run_script(script, *DOMAINS["classic"], *TINY, "--mamba-backend", "cuda", "--no-cuda",
+                        cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "--mamba-backend cuda:" in result.stderr and "torch" in result.stderr
+    (summary,) = (tmp_path / "runs").glob("*/summary.json")
+    assert summary.read_text().count('"kernel": "torch') == 1
+
+
+@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
+def test_unknown_backend_is_bad_input(script, tmp_path):
+    result = run_script(script, "--mamba-backend", "triton", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("--mamba-backend must be one of auto, torch, cuda, got 'triton'")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_mamba_ssm_kernel_equals_the_torch_path():
+    """mamba-ssm's mamba_chunk_scan_combined (seq_idx, initial_states) against the torch SSD, same weights and
+    inputs, starts inside the sequence. The kernel computes in TF32: relative tolerance 1e-2 (DESIGN 9)."""
+    module = load(MAMBA2)
+    kernel, why = module.mamba_ssm_kernel()
+    if kernel is None:
+        pytest.skip(why)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    args = module.parse_args([*DOMAINS["minigrid-symbolic"], "--mamba-backend", "cuda"])
+    torch.manual_seed(0)
+    device = torch.device("cuda")
+    trunk = module.Trunk(args.hidden_size, args).to(device)
+    x = torch.randn(128, 8, args.hidden_size, device=device, requires_grad=True)
+    state = tuple(torch.randn_like(part) for part in trunk.initial_state(8, device))
+    starts = (torch.rand(128, 8, device=device) < 0.05).float()
+    outputs, gradients = [], []
+    for use_kernel in (True, False):
+        trunk.cuda_kernel = kernel if use_kernel else None
+        y, after = trunk(x, state, starts)
+        (y.square().mean() + after[1].square().mean()).backward()
+        outputs.append((y.detach(), after[1].detach()))
+        gradients.append([p.grad.clone() for p in trunk.parameters()] + [x.grad.clone()])
+        trunk.zero_grad()
+        x.grad = None
+    for kernel_out, torch_out in zip(*outputs, strict=True):
+        torch.testing.assert_close(kernel_out, torch_out, rtol=1e-2, atol=1e-3)
+    for kernel_grad, torch_grad in zip(*gradients, strict=True):
+        torch.testing.assert_close(kernel_grad, torch_grad, rtol=1e-2, atol=1e-3)
