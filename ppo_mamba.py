@@ -487,7 +487,7 @@ class SelectiveScan(torch.autograd.Function):
     the decay into a start is 0, so nothing before it survives. Returns y [T, N_env, D] and h after step T - 1.
     Each direction is one loop over time with one fused multiply-add per step; the rest is batched over time.
     Written by hand because no library runs this recurrence on the CPU (mamba-ssm's scan is CUDA-only), and
-    autograd through the loop took about twice as long (docs/performance.md).
+    autograd through the loop took 1.5x as long in training at this size (docs/performance.md).
     """
 
     @staticmethod
