@@ -518,7 +518,7 @@ class SelectiveScan(torch.autograd.Function):
 
 
 class MambaMixer(nn.Module):
-    """The Mamba mixer (Gu and Dao 2023, section 3.4 and Figure 3): the input projection gives x and the gate
+    """The Mamba mixer (Gu and Dao 2023, section 3.4): the input projection gives x and the gate
     z; x goes through a causal depthwise convolution and SiLU, then the selective SSM, whose step sizes dt and
     matrices B and C are computed from x (the selection mechanism); D x is added, SiLU(z) gates the result and
     a projection maps it back. Its state: the convolution's window of the last K - 1 inputs and the SSM

@@ -497,13 +497,14 @@ def segment_sums(a: torch.Tensor) -> torch.Tensor:
 
 
 def ssd(x, dt, A, B, C, starts, initial_state, chunk_size: int):
-    """Mamba-2's state-space duality (Dao and Gu 2024, section 6 and Listing 1), with exact episode starts.
+    """Mamba-2's state-space duality (Dao and Gu 2024; the paper's Listing 1) with exact episode starts.
 
     x [T, N_env, H, P], dt [T, N_env, H] (after softplus), A [H] (negative), B and C [T, N_env, S],
     starts [T, N_env] bool, initial_state [N_env, H, P, S]. The recurrence is h_t = exp(dt_t A) h_{t-1} +
     dt_t B_t x_t, y_t = C_t h_t; a start sets the decay into its step to 0 (log-decay -inf), so no state
     crosses it, whether it came from an earlier step or from initial_state. Quadratic within chunks of
-    chunk_size steps, a recurrence over chunks; all in float32. Returns y [T, N_env, H, P] and h after step T - 1.
+    chunk_size steps, a recurrence over chunks, in the inputs' precision. Returns y [T, N_env, H, P] and h
+    after step T - 1.
     """
     steps, num_envs, heads, _ = x.shape
     length = min(chunk_size, steps)
@@ -543,7 +544,7 @@ def mamba_ssm_kernel():
 
 
 class Mamba2Mixer(nn.Module):
-    """The Mamba-2 mixer (Dao and Gu 2024, section 7 and Figure 6): one input projection gives the gate z,
+    """The Mamba-2 mixer (Dao and Gu 2024, the Mamba-2 block): one input projection gives the gate z,
     x with B and C (through a causal depthwise convolution and SiLU) and the step sizes dt; A is a scalar per
     head (times the identity), B and C are shared by all heads (one group); the SSD output plus D x is gated
     by SiLU(z), normalised (gated RMSNorm) and projected back. Its state: the convolution's window of the
@@ -604,7 +605,8 @@ class Trunk(nn.Module):
     The state of each layer (convolution window, SSM state) restarts from zero at every episode start, in the
     rollout (one step per call) and in training (whole rollout sequences from the state stored at the rollout's
     start, starts anywhere inside): the convolution masks the taps that reach across a start and the SSD sets
-    the decay into a start to zero. No loop over time steps: the SSD is a few einsums per chunk.
+    the decay into a start to zero. No loop over time steps: the SSD is a few einsums per chunk (the rollout's
+    single step runs the recurrence itself).
     `--mamba-backend cuda` runs mamba-ssm's `mamba_chunk_scan_combined` (seq_idx and initial_states, exact
     resets; it computes in TF32) on a CUDA device, in the rollout and in training alike so the two agree.
     `auto` takes the torch path: at rollout length 128 it was as fast as the kernel on an H200 (DESIGN 9).
@@ -617,8 +619,8 @@ class Trunk(nn.Module):
         self.final_norm = nn.RMSNorm(input_size, eps=1e-5)
         self.output_size = input_size
         self.state_reset = not args.no_state_reset
-        self.backend, self.cuda_kernel, self.why_torch = args.mamba_backend, None, None
-        if self.backend == "cuda":
+        self.cuda_kernel, self.why_torch = None, None
+        if args.mamba_backend == "cuda":
             self.cuda_kernel, self.why_torch = mamba_ssm_kernel()
             if self.why_torch:
                 print(f"--mamba-backend cuda: {self.why_torch}; using the torch path", file=sys.stderr)
