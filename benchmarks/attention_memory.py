@@ -12,7 +12,6 @@
 """
 
 import argparse
-import importlib.util
 import json
 import subprocess
 import sys
@@ -21,15 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from common import ROOT, load_script
 
 
 def training_summary(script: str, flags: list[str], device: str) -> dict:
@@ -81,7 +72,7 @@ def main():
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     options = parser.parse_args()
     env_flags = ["--env-id", options.env_id, "--minigrid-obs", options.minigrid_obs]
-    batch_size = load("ppo_mlp").parse_args(env_flags).batch_size
+    batch_size = load_script("ppo_mlp").parse_args(env_flags).batch_size
     flags = [*env_flags, "--total-timesteps", str(options.updates * batch_size)]
 
     print(f"Training, {options.env_id}, {options.updates} updates, {options.device}\n")
@@ -106,7 +97,7 @@ def main():
     print("| script | M | episode length | state KB | step latency ms | peak allocated by a step MB |")
     print("|---" * 6 + "|")
     for script in ("ppo_trxl", "ppo_gtrxl"):
-        module = load(script)
+        module = load_script(script)
         for memory_length in options.memory_lengths:
             for length, state_kb, latency, peak in long_episode(
                 module, env_flags, memory_length, options.episode_lengths, device

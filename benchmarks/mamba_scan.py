@@ -14,23 +14,12 @@ Each row times the recurrence alone (inputs already projected), T = 128 steps, e
 """
 
 import argparse
-import importlib.util
 import time
-from pathlib import Path
 
 import torch
+from common import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-MAMBA, MAMBA2 = load("ppo_mamba"), load("ppo_mamba2")
+MAMBA, MAMBA2 = load_script("ppo_mamba"), load_script("ppo_mamba2")
 
 
 def autograd_loop(decay, inputs, C, state):

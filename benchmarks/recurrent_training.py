@@ -19,14 +19,12 @@ Every method's outputs are checked against the loop's before timing. Prints a Ma
 """
 
 import argparse
-import importlib.util
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 DOMAINS = {  # case -> flags: each script's domain defaults give the sizes
     "classic": ["--env-id", "CartPoleNoVel-v1"],
     "mujoco": ["--env-id", "HalfCheetah-v4"],
@@ -34,13 +32,6 @@ DOMAINS = {  # case -> flags: each script's domain defaults give the sizes
     "minigrid-rgb": ["--env-id", "MiniGrid-MemoryS11-v0"],
     "minigrid-symbolic": ["--env-id", "MiniGrid-MemoryS11-v0", "--minigrid-obs", "symbolic"],
 }
-
-
-def load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def as_layers(state):
@@ -148,7 +139,7 @@ def main():
     print("\n| script | case | hidden | envs x steps | P(start) | " + " | ".join(METHODS) + " | loop / chunks |")
     print("|---" * (6 + len(METHODS)) + "|")
     for name in options.scripts:
-        module = load(name)
+        module = load_script(name)
         for case, flags in DOMAINS.items():
             args = module.parse_args(flags)
             envs, steps = args.num_envs // args.num_minibatches, args.num_steps
