@@ -142,7 +142,13 @@ exp_name() {  # the run name's middle part: the script's own default, or <stem>_
     if [[ $2 == leak ]]; then echo "ppo_${1}_leak"; else echo "ppo_$1"; fi
 }
 
-# For each line "arch variant env steps seed" on stdin, prints "complete DIR", "resume DIR", "failed DIR" or "new":
+run_prefix() {  # "arch variant env steps seed" -> "runs/<env>__<exp_name>__<seed>__ steps": where its runs are
+    local arch variant env_id steps seed
+    read -r arch variant env_id steps seed <<<"$1"
+    echo "runs/${env_id//\//_}__$(exp_name "$arch" "$variant")__${seed}__ $steps"
+}
+
+# For each line "run_prefix steps" on stdin, prints "complete DIR", "resume DIR", "failed DIR" or "new":
 # the newest run of that script, env, seed and budget decides. `running` counts as resumable: a node lost mid-run
 # leaves that status and a checkpoint. A failed cell starts again in a new directory. One Python for the grid.
 cell_states() {
@@ -150,11 +156,9 @@ cell_states() {
 import glob, json, sys
 from pathlib import Path
 for line in sys.stdin:
-    arch, variant, env_id, steps, seed = line.split()
-    exp_name = f"ppo_{arch}_leak" if variant == "leak" else f"ppo_{arch}"
+    run_prefix, steps = line.split()
     found = []
-    run_prefix = "__".join((env_id.replace("/", "_"), exp_name, seed, ""))
-    for path in glob.glob(f"runs/{run_prefix}*/summary.json"):
+    for path in glob.glob(f"{run_prefix}*/summary.json"):
         try:
             summary = json.loads(Path(path).read_text())
             if summary["args"]["total_timesteps"] == int(steps):
@@ -191,7 +195,7 @@ cell_command() {  # the command that advances a cell "arch variant env steps see
 run_cell() {
     local cell=$1 name state run_dir code=0 terminated=0 pid reason
     name=$(cell_name "$cell")
-    read -r state run_dir <<<"$(cell_states <<<"$cell")"
+    read -r state run_dir <<<"$(run_prefix "$cell" | cell_states)"
     if [[ $state == complete ]]; then
         echo "ok" >"$BENCH_DIR/status/$name"
         echo "skip $name: complete in $run_dir"
@@ -206,7 +210,7 @@ run_cell() {
     wait "$pid" || code=$?
     while kill -0 "$pid" 2>/dev/null; do wait "$pid" || code=$?; done
     trap - TERM
-    read -r state run_dir <<<"$(cell_states <<<"$cell")"
+    read -r state run_dir <<<"$(run_prefix "$cell" | cell_states)"
     if [[ $state == complete ]]; then
         echo "ok" >"$BENCH_DIR/status/$name"
         echo "done $name: $run_dir"
@@ -255,7 +259,7 @@ fi
 # ---- What each cell needs now ----
 pending=() commands=()
 complete=0 resume=0 failed_before=0
-mapfile -t states < <(printf '%s\n' "${cells[@]}" | cell_states)
+mapfile -t states < <(for cell in "${cells[@]}"; do run_prefix "$cell"; done | cell_states)
 ((${#states[@]} == ${#cells[@]})) || fail "could not read the summaries under runs/"
 for index in "${!cells[@]}"; do
     read -r state run_dir <<<"${states[$index]}"
