@@ -92,7 +92,7 @@ class Args:
     minigrid_obs: str = "rgb"
     """MiniGrid observation: `rgb` (84x84 partial view, as in the paper) or `symbolic` (3x3 grid of indices)"""
     minigrid_max_steps: int = 96
-    """MiniGrid time limit in steps (the paper's 96)"""
+    """MiniGrid episodes are cut after this many steps by a TimeLimit (the paper's 96); the reward keeps its scale"""
 
     # PPO; `None` takes the value of the domain-defaults table (section 4 of the script)
     total_timesteps: int | None = None
@@ -274,7 +274,10 @@ def make_env(args: Args, index: int, run_name: str):
         if args.domain == "atari":  # frame skip is applied once, by AtariPreprocessing
             env = gym.make(args.env_id, frameskip=1, repeat_action_probability=0.0, render_mode=render_mode)
         elif args.domain == "minigrid":
-            env = gym.make(args.env_id, agent_view_size=3, max_steps=args.minigrid_max_steps, render_mode=render_mode)
+            env = gym.make(args.env_id, agent_view_size=3, render_mode=render_mode)
+            # The paper's cut: a TimeLimit, with MiniGrid's own max_steps (5 x size^2) left in place, so a success
+            # still pays 1 - 0.9 x steps / max_steps (about 0.97 on MemoryS11), the paper's scale of returns.
+            env = gym.wrappers.TimeLimit(env, args.minigrid_max_steps)
         else:
             env = gym.make(base_env_id(args.env_id), render_mode=render_mode)
         if render_mode:
@@ -558,6 +561,11 @@ def write_json(path: Path, data: dict):
 # 8. Training
 # ---------------------------------------------------------------------------------------------------------
 # >>> shared: main
+def success_rate(returns: list[float]) -> float | None:
+    """MiniGrid pays a positive reward only for reaching the goal, so a success is an episode with a return > 0."""
+    return sum(ret > 0 for ret in returns) / len(returns) if returns else None
+
+
 def main(args: Args) -> None:
     # ---- Setup: run directory, seeds, device, envs, agent; or all of it from a checkpoint ----
     if args.resume:
@@ -643,6 +651,7 @@ def main(args: Args) -> None:
             "inference_latency_ms": 1e3 * statistics.median(latencies) if latencies else None,
             "cpu_rss_gb": peak_cpu_rss_gb(), "gpu_mem_allocated_gb": gpu_allocated, "gpu_mem_reserved_gb": gpu_reserved,
             "params": num_params, "final_return_mean": sum(recent) / len(recent) if recent else None,
+            "success_rate": success_rate(recent) if args.domain == "minigrid" else None,
             "episodes": len(episodes), "return_curve": "episodes.csv",
             "first_minibatch_ratio_error": ratio_error, "kernel": agent.trunk.kernel, "device": device_name(device),
             "versions": {name: package_version(name) for name in VERSIONED_PACKAGES},
@@ -787,6 +796,8 @@ def main(args: Args) -> None:
                 "perf/inference_latency_ms": 1e3 * statistics.median(list(latencies)[-args.num_steps :]),
                 "perf/cpu_rss_gb": peak_cpu_rss_gb(), "debug/first_minibatch_ratio_error": first_error,
             }  # fmt: skip
+            if args.domain == "minigrid" and episodes:
+                scalars["charts/success_rate"] = success_rate([ret for _, ret, _ in episodes[-100:]])
             if device.type == "cuda":
                 (scalars["perf/gpu_mem_allocated_gb"], scalars["perf/gpu_mem_reserved_gb"]) = peak_gpu_memory_gb(device)
             for key, value in scalars.items():

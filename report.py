@@ -38,7 +38,8 @@ from rliable import metrics
 
 # Returns are normalised per environment as (return - random) / (reference - random): 0 is a random policy, 1
 # the reference. Each score names its source; MiniGrid and masked classic control use this project's own
-# build of the task (time limit 96 for MiniGrid), so their figures were computed for it.
+# build of the task (MiniGrid: a 96-step TimeLimit, the env's own reward scale), so their figures were computed
+# for it.
 REFERENCE_SCORES = {
     # env id: (random, reference, source)
     "HalfCheetah-v4": (-280.178953, 12135.0, "D4RL REF_MIN/MAX_SCORE (random and expert policies), Fu et al. 2020"),
@@ -54,12 +55,12 @@ REFERENCE_SCORES = {
     ),
     "MiniGrid-DoorKey-8x8-v0": (
         0.0,
-        0.8423,
+        0.9763,
         "benchmarks/reference_scores.py: random policy; reference: the shortest path with the whole grid known",
     ),
     "MiniGrid-MemoryS11-v0": (
-        0.093,
-        0.8725,
+        0.144,
+        0.9798,
         "random: benchmarks/reference_scores.py; reference: best possible mean return, benchmarks/memory_optimum.py",
     ),
 }
@@ -202,6 +203,9 @@ def returns_table(out: Path, grid: Grid) -> str:
             runs = grid.complete[row, env]
             returns = [s["final_return_mean"] for s in runs if s.get("final_return_mean") is not None]
             text = f"{np.mean(returns):.2f} +- {np.std(returns):.2f} (n={len(returns)})" if returns else "n/a"
+            successes = [s["success_rate"] for s in runs if s.get("success_rate") is not None]
+            if successes:  # MiniGrid: the share of the last 100 episodes that reached the goal
+                text += f", success {np.mean(successes):.2f}"
             if len(runs) < len(grid.seeds):
                 text += f", {len(grid.seeds) - len(runs)} not complete"
             if len(returns) < len(runs):

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOMAINS, TINY, run_script
+from conftest import DOMAINS, TEMPLATE, TINY, load, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SUMMARY_FIELDS = {
     "script", "arch", "env_id", "domain", "seed", "args", "global_step", "total_timesteps", "wall_s", "sps",
     "rollout_sps", "update_sps", "inference_latency_ms", "cpu_rss_gb", "gpu_mem_allocated_gb",
     "gpu_mem_reserved_gb", "params", "final_return_mean", "return_curve", "versions", "kernel", "device",
-    "first_minibatch_ratio_error", "status", "reason",
+    "first_minibatch_ratio_error", "status", "reason", "success_rate",
 }  # fmt: skip
 TENSORBOARD_KEYS = {
     "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
@@ -65,6 +65,28 @@ def test_tensorboard_keys_and_return_curve(module, tmp_path, monkeypatch):
     lengths = [event.value for event in events.Scalars("charts/episodic_length")]
     assert returns == lengths
     assert summary["final_return_mean"] == pytest.approx(sum(returns[-100:]) / len(returns[-100:]))
+
+
+def test_success_rate_is_the_share_of_recent_positive_returns():
+    success_rate = load(TEMPLATE).success_rate
+    assert success_rate([0.0, 0.97, 0.5, 0.0]) == 0.5
+    assert success_rate([]) is None
+
+
+def test_minigrid_summary_and_tensorboard_carry_the_success_rate(tmp_path, monkeypatch):
+    # The main loop is one shared section (tests/test_shared_sections.py), so the template stands for all seven.
+    module = load(TEMPLATE)
+    argv = [*DOMAINS["minigrid-symbolic"], *TINY, "--num-envs", "4", "--total-timesteps", "512"]
+    run_dir, summary = train(module, [*argv, "--minigrid-max-steps", "4"], tmp_path, monkeypatch)
+    with open(run_dir / "episodes.csv") as f:
+        returns = [float(row["episodic_return"]) for row in csv.DictReader(f)][-100:]
+    assert len(returns) > 50
+    assert summary["success_rate"] == sum(r > 0 for r in returns) / len(returns)
+    events = EventAccumulator(str(run_dir)).Reload()
+    assert events.Scalars("charts/success_rate")[-1].value == pytest.approx(summary["success_rate"])
+    (tmp_path / "classic").mkdir()
+    _, summary = train(module, [*DOMAINS["classic"], *TINY], tmp_path / "classic", monkeypatch)
+    assert summary["success_rate"] is None
 
 
 def test_a_budget_below_one_batch_still_makes_one_update(module, tmp_path, monkeypatch):

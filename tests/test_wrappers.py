@@ -60,6 +60,19 @@ def test_minigrid_view_three_and_time_limit_96(module, obs_kind):
         assert truncated == (step == 96)
 
 
+def test_minigrid_success_pays_on_the_envs_own_scale(module):
+    # The 96-step cut is a TimeLimit; MiniGrid's own max_steps (5 x 11^2) sets the reward, as in the paper.
+    _, env = single_env(module, *DOMAINS["minigrid-symbolic"])
+    env.reset(seed=0)
+    grid_env = env.unwrapped
+    assert grid_env.max_steps == 605
+    (x, y), hallway_y = grid_env.success_pos, grid_env.height // 2
+    grid_env.agent_pos, grid_env.agent_dir = (x, hallway_y), 3 if y < hallway_y else 1  # facing the goal
+    _, reward, terminated, _, info = env.step(grid_env.actions.forward)
+    assert terminated and reward == pytest.approx(1 - 0.9 * 1 / 605)
+    assert info["episode"]["r"] == pytest.approx(reward)
+
+
 def test_minigrid_rgb_is_the_partial_view_in_pixels(module):
     _, env = single_env(module, *DOMAINS["minigrid-rgb"])
     obs, _ = env.reset(seed=0)
