@@ -2,7 +2,8 @@
 
 - Success by start position: the agent starts facing east at x = 1..8 of the hallway; only from x = 1 is the
   cue (the start room's object at (1, 2)) in its first 3x3 view. Per start: success rate, episode length,
-  the share of episodes in which the agent ever faced west (turned back) and in which it ever saw the cue.
+  the share of episodes in which the agent ever faced west in the hallway (turned back) and in which it ever
+  saw the cue.
 - A linear probe of memory: at every step where the cue was seen earlier in the episode but is out of view
   now, does a logistic regression on the trunk's output tell the cue (key or ball)? Trained on half the
   episodes, scored on the other half, by steps since the cue was last seen. The same probe on the encoder's
@@ -70,8 +71,9 @@ def replay(module, args, checkpoint: dict, episodes: int, num_envs: int = 16) ->
                 samples.append({"trunk": hidden[0, i].numpy(), "encoder": encoded[i].numpy(),
                                 "cue": record["cue"] == "key", "age": record["length"] - record["last_seen"],
                                 "episode": record["id"]})  # fmt: skip
-            record["turned_back"] |= grid_env.agent_dir == WEST
             x, y = grid_env.agent_pos
+            # Facing west in the hallway, on the way back to the cue (not the turn at the end, between the objects)
+            record["turned_back"] |= grid_env.agent_dir == WEST and x < grid_env.success_pos[0]
             if x == grid_env.success_pos[0] and y == grid_env.height // 2 and grid_env.agent_dir in (NORTH, SOUTH):
                 ahead = grid_env.grid.get(x, y + (2 if grid_env.agent_dir == SOUTH else -2))
                 decisions.append({"saw_cue": record["saw_cue"], "match": ahead.type == record["cue"],
