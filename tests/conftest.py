@@ -1,10 +1,17 @@
-"""Every `ppo_*.py` at the top level is tested: a new script is picked up by the glob, with no new test code."""
+"""Every `ppo_*.py` at the top level is tested: a new script is picked up by the glob, with no new test code.
 
+What is byte-identical across the scripts (the shared sections: parse_args, the environments, main) is tested
+once, on the template `ppo_mlp.py`; tests/test_shared_sections.py proves the other six hold the same code.
+What differs (trunks, sizes, defaults, a tiny run per domain) is tested for every script.
+"""
+
+import contextlib
 import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(ROOT.glob("ppo_*.py"))
 TEMPLATE = ROOT / "ppo_mlp.py"
 
-# One small config per kind of task (DESIGN section 4); `id` names the case in pytest's output.
+# One small config per kind of task; the key names the case in pytest's output.
 DOMAINS = {
     "mujoco": ["--env-id", "HalfCheetah-v4"],
     "atari": ["--env-id", "ALE/Breakout-v5"],
@@ -32,13 +39,33 @@ def pytest_addoption(parser):
 
 
 @pytest.fixture(scope="session")
-def device(request) -> torch.device:
+def device(request):
+    """The CPU, or with --cuda the GPU with TF32 off for the session (restored afterwards)."""
     if not request.config.getoption("--cuda"):
-        return torch.device("cpu")
+        yield torch.device("cpu")
+        return
     if not torch.cuda.is_available():
         pytest.exit("--cuda: torch sees no CUDA device", returncode=2)
+    with tf32_off():
+        yield torch.device("cuda")
+
+
+@contextlib.contextmanager
+def tf32_off():
+    """TF32 off for cuDNN and cuBLAS inside the block; the global flags as they were afterwards."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    return torch.device("cuda")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.fixture
+def without_tf32():
+    """For one test: TF32 off, the global flags restored when it ends."""
+    with tf32_off():
+        yield
 
 
 def load(script: Path):
@@ -61,7 +88,47 @@ def module(script):
     return load(script)
 
 
+@pytest.fixture
+def template():
+    """ppo_mlp.py, standing for all seven wherever the code under test is a shared section."""
+    return load(TEMPLATE)
+
+
 def run_script(script: Path, *argv: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(script), *argv], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+# ---- Agents on real trajectories (the invariant and attention tests) ----
+STEPS, ENVS = 12, 3
+
+
+def rollout_batch(module, domain: str, device: torch.device, seed: int = 0, argv: tuple[str, ...] = ()):
+    """An agent and a real [STEPS, ENVS] trajectory with starts anywhere inside (and at 0)."""
+    torch.manual_seed(seed)
+    argv = argv or DOMAINS[domain]
+    args = module.parse_args([*argv, *TINY, "--num-envs", str(ENVS), "--num-minibatches", "1"])
+    envs = module.make_envs(args, "test")
+    agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
+    obs_np, _ = envs.reset(seed=seed)
+    envs.action_space.seed(seed)  # the same trajectory on every run
+    observations, actions = [], []
+    for _ in range(STEPS):
+        observations.append(obs_np)
+        action = envs.action_space.sample()
+        actions.append(action)
+        obs_np, *_ = envs.step(action)
+    envs.close()
+    generator = torch.Generator().manual_seed(seed)
+    starts = (torch.rand(STEPS, ENVS, generator=generator) < 0.25).float()
+    starts[0] = 1
+    batch = torch.as_tensor(np.stack(observations)), starts, torch.as_tensor(np.stack(actions))
+    return agent.to(device), *(tensor.to(device) for tensor in batch)
+
+
+def outputs(agent, obs, state, starts, actions):
+    """Log-probabilities, entropies and values stacked [3, T, B], and the state after the call."""
+    with torch.no_grad():
+        _, logprob, entropy, value, state = agent.get_action_and_value(obs, state, starts, actions)
+    return torch.stack([logprob, entropy, value]), state

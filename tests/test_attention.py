@@ -4,10 +4,8 @@ fixed by M alone. GTrXL's gates start each layer close to the identity map."""
 
 import pytest
 import torch
-from conftest import DOMAINS, ROOT, load
-from test_invariants import outputs, rollout_batch
+from conftest import DOMAINS, ENVS, ROOT, STEPS, load, outputs, rollout_batch
 
-STEPS, ENVS = 12, 3
 # Windows shorter than the sequence, so the M-step limit is exercised: 12 steps are 4 blocks of 3 queries, or
 # 3 blocks of 5 with the last one padded
 MEMORY_LENGTHS = [3, 5]

@@ -1,4 +1,4 @@
-"""The episode-boundary invariants of DESIGN section 5, for every script, on real observations.
+"""The episode-boundary invariants, for every script, on real observations.
 
 1. Chunking: one call over [0, T) equals [0, k) then [k, T) with the returned state.
 2. Reset: from a start at k on, outputs equal a fresh `initial_state` run on the suffix, whatever came before.
@@ -6,41 +6,11 @@
    summary.json's `first_minibatch_ratio_error` is below 1e-5: see test_training.py).
 """
 
-import numpy as np
 import pytest
 import torch
-from conftest import DOMAINS, TINY, load
+from conftest import DOMAINS, ENVS, STEPS, load, outputs, rollout_batch
 
-STEPS, ENVS, ATOL = 12, 3, 1e-5
-
-
-def rollout_batch(module, domain: str, device: torch.device, seed: int = 0, argv: tuple[str, ...] = ()):
-    """An agent and a real [STEPS, ENVS] trajectory with starts anywhere inside (and at 0)."""
-    torch.manual_seed(seed)
-    argv = argv or DOMAINS[domain]
-    args = module.parse_args([*argv, *TINY, "--num-envs", str(ENVS), "--num-minibatches", "1"])
-    envs = module.make_envs(args, "test")
-    agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
-    obs_np, _ = envs.reset(seed=seed)
-    envs.action_space.seed(seed)  # the same trajectory on every run
-    observations, actions = [], []
-    for _ in range(STEPS):
-        observations.append(obs_np)
-        action = envs.action_space.sample()
-        actions.append(action)
-        obs_np, *_ = envs.step(action)
-    envs.close()
-    generator = torch.Generator().manual_seed(seed)
-    starts = (torch.rand(STEPS, ENVS, generator=generator) < 0.25).float()
-    starts[0] = 1
-    batch = torch.as_tensor(np.stack(observations)), starts, torch.as_tensor(np.stack(actions))
-    return agent.to(device), *(tensor.to(device) for tensor in batch)
-
-
-def outputs(agent, obs, state, starts, actions):
-    with torch.no_grad():
-        _, logprob, entropy, value, state = agent.get_action_and_value(obs, state, starts, actions)
-    return torch.stack([logprob, entropy, value]), state
+ATOL = 1e-5
 
 
 def assert_states_close(a, b):

@@ -40,9 +40,15 @@ def test_four_frames_recover_the_velocity(tmp_path):
 
 @pytest.mark.parametrize(
     ("name", "steps", "target"),
-    [("ppo_lstm.py", 500_000, 475), ("ppo_gru.py", 500_000, 475), ("ppo_trxl.py", 1_000_000, 450),
-     ("ppo_gtrxl.py", 1_000_000, 450), ("ppo_mamba.py", 1_000_000, 450), ("ppo_mamba2.py", 1_000_000, 450)],
-)  # fmt: skip
+    [
+        ("ppo_lstm.py", 500_000, 475),
+        ("ppo_gru.py", 500_000, 475),
+        ("ppo_trxl.py", 1_000_000, 450),
+        ("ppo_gtrxl.py", 1_000_000, 450),
+        ("ppo_mamba.py", 1_000_000, 450),
+        ("ppo_mamba2.py", 1_000_000, 450),
+    ],
+)
 def test_memory_solves_cartpole_without_velocity(tmp_path, name, steps, target):
     """The best 100-episode mean reaches the issue's target within the budget (each script's default one)."""
     final_return(tmp_path, "--env-id", "CartPoleNoVel-v1", "--total-timesteps", str(steps), script=ROOT / name)

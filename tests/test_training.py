@@ -1,5 +1,5 @@
-"""Tiny real runs: every domain ends complete; the outputs of DESIGN section 8; failure, interruption and
-resume, determinism (section 11)."""
+"""Tiny real runs: every script ends complete in every domain and is deterministic; the outputs, failure,
+interruption and resume, which main() (a shared section) does alike for all, run on the template."""
 
 import csv
 import json
@@ -11,21 +11,55 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOMAINS, TEMPLATE, TINY, load, run_script
+from conftest import DOMAINS, TEMPLATE, TINY, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SUMMARY_FIELDS = {
-    "script", "arch", "env_id", "domain", "seed", "args", "global_step", "total_timesteps", "wall_s", "sps",
-    "rollout_sps", "update_sps", "inference_latency_ms", "cpu_rss_gb", "gpu_mem_allocated_gb",
-    "gpu_mem_reserved_gb", "params", "final_return_mean", "return_curve", "versions", "kernel", "device",
-    "first_minibatch_ratio_error", "status", "reason", "success_rate",
-}  # fmt: skip
+    "script",
+    "arch",
+    "env_id",
+    "domain",
+    "seed",
+    "args",
+    "global_step",
+    "total_timesteps",
+    "wall_s",
+    "sps",
+    "rollout_sps",
+    "update_sps",
+    "inference_latency_ms",
+    "cpu_rss_gb",
+    "gpu_mem_allocated_gb",
+    "gpu_mem_reserved_gb",
+    "params",
+    "final_return_mean",
+    "return_curve",
+    "versions",
+    "kernel",
+    "device",
+    "first_minibatch_ratio_error",
+    "status",
+    "reason",
+    "success_rate",
+}
 TENSORBOARD_KEYS = {
-    "charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
-    "losses/value_loss", "losses/policy_loss", "losses/entropy", "losses/old_approx_kl", "losses/approx_kl",
-    "losses/clipfrac", "losses/explained_variance", "perf/rollout_sps", "perf/update_sps",
-    "perf/inference_latency_ms", "perf/cpu_rss_gb", "debug/first_minibatch_ratio_error",
-}  # fmt: skip
+    "charts/episodic_return",
+    "charts/episodic_length",
+    "charts/learning_rate",
+    "charts/SPS",
+    "losses/value_loss",
+    "losses/policy_loss",
+    "losses/entropy",
+    "losses/old_approx_kl",
+    "losses/approx_kl",
+    "losses/clipfrac",
+    "losses/explained_variance",
+    "perf/rollout_sps",
+    "perf/update_sps",
+    "perf/inference_latency_ms",
+    "perf/cpu_rss_gb",
+    "debug/first_minibatch_ratio_error",
+}
 TIMING_FIELDS = {"wall_s", "sps", "rollout_sps", "update_sps", "inference_latency_ms", "cpu_rss_gb", "run_name"}
 
 
@@ -54,9 +88,9 @@ def test_tiny_run_completes_in_every_domain(module, script, domain, tmp_path, mo
     assert len(rows) - 1 == summary["episodes"]
 
 
-def test_tensorboard_keys_and_return_curve(module, tmp_path, monkeypatch):
+def test_tensorboard_keys_and_return_curve(template, tmp_path, monkeypatch):
     argv = ["--env-id", "CartPole-v1", "--num-envs", "4", "--num-minibatches", "2", "--total-timesteps", "2048"]
-    run_dir, summary = train(module, argv, tmp_path, monkeypatch)
+    run_dir, summary = train(template, argv, tmp_path, monkeypatch)
     events = EventAccumulator(str(run_dir)).Reload()
     assert set(events.Tags()["scalars"]) >= TENSORBOARD_KEYS
     returns = [event.value for event in events.Scalars("charts/episodic_return")]
@@ -67,15 +101,14 @@ def test_tensorboard_keys_and_return_curve(module, tmp_path, monkeypatch):
     assert summary["final_return_mean"] == pytest.approx(sum(returns[-100:]) / len(returns[-100:]))
 
 
-def test_success_rate_is_the_share_of_recent_positive_returns():
-    success_rate = load(TEMPLATE).success_rate
+def test_success_rate_is_the_share_of_recent_positive_returns(template):
+    success_rate = template.success_rate
     assert success_rate([0.0, 0.97, 0.5, 0.0]) == 0.5
     assert success_rate([]) is None
 
 
-def test_minigrid_summary_and_tensorboard_carry_the_success_rate(tmp_path, monkeypatch):
-    # The main loop is one shared section (tests/test_shared_sections.py), so the template stands for all seven.
-    module = load(TEMPLATE)
+def test_minigrid_summary_and_tensorboard_carry_the_success_rate(template, tmp_path, monkeypatch):
+    module = template
     argv = [*DOMAINS["minigrid-symbolic"], *TINY, "--num-envs", "4", "--total-timesteps", "512"]
     run_dir, summary = train(module, [*argv, "--minigrid-max-steps", "4"], tmp_path, monkeypatch)
     with open(run_dir / "episodes.csv") as f:
@@ -89,8 +122,8 @@ def test_minigrid_summary_and_tensorboard_carry_the_success_rate(tmp_path, monke
     assert summary["success_rate"] is None
 
 
-def test_a_budget_below_one_batch_still_makes_one_update(module, tmp_path, monkeypatch):
-    _, summary = train(module, [*DOMAINS["classic"], *TINY, "--total-timesteps", "1"], tmp_path, monkeypatch)
+def test_a_budget_below_one_batch_still_makes_one_update(template, tmp_path, monkeypatch):
+    _, summary = train(template, [*DOMAINS["classic"], *TINY, "--total-timesteps", "1"], tmp_path, monkeypatch)
     assert summary["status"] == "complete" and summary["global_step"] == 32
 
 
@@ -105,7 +138,8 @@ def test_same_seed_same_summary(module, tmp_path, monkeypatch):
     assert summaries[0]["episodes"] > 0
 
 
-def test_non_finite_loss_fails_the_run_and_says_why(module, tmp_path, monkeypatch):
+def test_non_finite_loss_fails_the_run_and_says_why(template, tmp_path, monkeypatch):
+    module = template
     original = module.Agent.get_action_and_value
 
     def poisoned(self, obs, state, starts, action=None):
@@ -120,7 +154,8 @@ def test_non_finite_loss_fails_the_run_and_says_why(module, tmp_path, monkeypatc
     assert summary["status"] == "failed" and "non-finite loss" in summary["reason"]
 
 
-def test_sigterm_checkpoints_and_resume_reaches_the_same_total(script, tmp_path):
+def test_sigterm_checkpoints_and_resume_reaches_the_same_total(tmp_path):
+    script = TEMPLATE
     argv = ["--env-id", "CartPoleNoVel-v1", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2"]
     argv += ["--update-epochs", "1", "--total-timesteps", "20000", "--checkpoint-interval", "100000"]
     process = subprocess.Popen(
@@ -136,7 +171,7 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_total(script, tmp_path)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
     assert 0 < summary["global_step"] < 20000 and summary["global_step"] % 128 == 0
-    assert (run_dir / "checkpoint.pt").is_file()
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["script"] == script.name
     assert "--resume" in stderr
 
     resumed = run_script(script, "--resume", str(run_dir.relative_to(tmp_path)), cwd=tmp_path)
@@ -150,8 +185,9 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_total(script, tmp_path)
     assert list(tmp_path.iterdir()) == [tmp_path / "runs"]
 
 
-def test_sigint_drops_the_partial_rollout_and_keeps_the_last_update(module, tmp_path, monkeypatch):
+def test_sigint_drops_the_partial_rollout_and_keeps_the_last_update(template, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a rollout: the checkpoint holds exactly the updates finished before it."""
+    module = template
     make_envs = module.make_envs
 
     def make_envs_interrupted_at_step_40(args, run_name):

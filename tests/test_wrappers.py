@@ -1,10 +1,12 @@
-"""Environment wrappers: velocity masking, the MiniGrid view, Atari's life loss (DESIGN section 4)."""
+"""Environment wrappers: velocity masking, the MiniGrid view, Atari's life loss. The environments are a shared
+section, so they are tested on the template."""
 
 import copy
 
 import numpy as np
 import pytest
 from conftest import DOMAINS, TINY
+from minigrid.core.constants import OBJECT_TO_IDX
 
 
 def single_env(module, *argv):
@@ -13,8 +15,8 @@ def single_env(module, *argv):
 
 
 @pytest.mark.parametrize(("env_id", "masked"), [("CartPoleNoVel-v1", [1, 3]), ("LunarLanderNoVel-v3", [2, 3, 5])])
-def test_masked_indices_are_zero_and_others_are_not(module, env_id, masked):
-    _, env = single_env(module, "--env-id", env_id)
+def test_masked_indices_are_zero_and_others_are_not(template, env_id, masked):
+    _, env = single_env(template, "--env-id", env_id)
     observations = [env.reset(seed=0)[0]]
     for _ in range(30):
         obs, _, terminated, truncated, _ = env.step(env.action_space.sample())
@@ -28,8 +30,8 @@ def test_masked_indices_are_zero_and_others_are_not(module, env_id, masked):
     assert (np.abs(observations[:, visible]).max(axis=0) > 0).all()
 
 
-def test_masked_indices_flag_on_any_box_env(module):
-    args, env = single_env(module, "--env-id", "CartPole-v1", "--masked-indices", "0", "2")
+def test_masked_indices_flag_on_any_box_env(template):
+    args, env = single_env(template, "--env-id", "CartPole-v1", "--masked-indices", "0", "2")
     assert args.masked_indices == (0, 2)
     obs, _ = env.reset(seed=0)
     for _ in range(5):
@@ -37,8 +39,22 @@ def test_masked_indices_flag_on_any_box_env(module):
         assert obs[0] == 0 and obs[2] == 0 and obs[1] != 0
 
 
-def test_unmasked_cartpole_sees_velocity(module):
-    args, env = single_env(module, "--env-id", "CartPole-v1")
+def test_masked_indices_on_mujoco_stay_zero_through_normalisation(template):
+    args, env = single_env(template, *DOMAINS["mujoco"], "--masked-indices", "0", "2", "8")
+    assert args.masked_indices == (0, 2, 8)
+    env.action_space.seed(0)
+    observations = [env.reset(seed=0)[0]]
+    for _ in range(20):
+        observations.append(env.step(env.action_space.sample())[0])
+    observations = np.array(observations)
+    assert observations.shape == (21, 17)  # the shape is kept
+    assert (observations[:, [0, 2, 8]] == 0).all()
+    visible = [i for i in range(17) if i not in (0, 2, 8)]
+    assert (np.abs(observations[:, visible]).max(axis=0) > 0).all()
+
+
+def test_unmasked_cartpole_sees_velocity(template):
+    args, env = single_env(template, "--env-id", "CartPole-v1")
     assert args.masked_indices == ()
     env.reset(seed=0)
     obs, *_ = env.step(0)
@@ -46,13 +62,11 @@ def test_unmasked_cartpole_sees_velocity(module):
 
 
 @pytest.mark.parametrize("obs_kind", ["rgb", "symbolic"])
-def test_minigrid_view_three_and_time_limit_96(module, obs_kind):
-    _, env = single_env(module, *DOMAINS["minigrid-rgb"], "--minigrid-obs", obs_kind)
+def test_minigrid_view_three_and_time_limit_96(template, obs_kind):
+    _, env = single_env(template, *DOMAINS["minigrid-rgb"], "--minigrid-obs", obs_kind)
     assert env.unwrapped.agent_view_size == 3
     obs, _ = env.reset(seed=0)
     assert obs.shape == ((3, 84, 84) if obs_kind == "rgb" else (3, 3, 3))
-    if obs_kind == "symbolic":  # the agent sits at the bottom centre of its own view
-        assert obs.max() < 11
     done_action = env.unwrapped.actions.done  # does nothing in MemoryS11: only the clock runs
     for step in range(1, 97):
         _, _, terminated, truncated, _ = env.step(done_action)
@@ -60,9 +74,26 @@ def test_minigrid_view_three_and_time_limit_96(module, obs_kind):
         assert truncated == (step == 96)
 
 
-def test_minigrid_success_pays_on_the_envs_own_scale(module):
+def test_minigrid_symbols_are_the_view_from_the_agents_cell(template):
+    """The 3x3 view is indexed [x, y] with the agent at the bottom centre, facing up: (1, 1) is the cell in
+    front of it and (1, 2) its own cell, empty while it carries nothing. Turning changes what is in front."""
+    _, env = single_env(template, *DOMAINS["minigrid-symbolic"])
+    obs, _ = env.reset(seed=0)
+    grid_env = env.unwrapped
+    seen = set()
+    for _ in range(4):
+        front = grid_env.grid.get(*grid_env.front_pos)
+        expected = front.encode() if front else (OBJECT_TO_IDX["empty"], 0, 0)
+        np.testing.assert_array_equal(obs[1, 1], expected)
+        np.testing.assert_array_equal(obs[1, 2], (OBJECT_TO_IDX["empty"], 0, 0))
+        seen.add(tuple(expected))
+        obs, *_ = env.step(grid_env.actions.left)
+    assert len(seen) > 1  # a wall and open floor: the check saw both kinds of cell
+
+
+def test_minigrid_success_pays_on_the_envs_own_scale(template):
     # The 96-step cut is a TimeLimit; MiniGrid's own max_steps (5 x 11^2) sets the reward, as in the paper.
-    _, env = single_env(module, *DOMAINS["minigrid-symbolic"])
+    _, env = single_env(template, *DOMAINS["minigrid-symbolic"])
     env.reset(seed=0)
     grid_env = env.unwrapped
     assert grid_env.max_steps == 605
@@ -73,25 +104,25 @@ def test_minigrid_success_pays_on_the_envs_own_scale(module):
     assert info["episode"]["r"] == pytest.approx(reward)
 
 
-def test_minigrid_rgb_is_the_partial_view_in_pixels(module):
-    _, env = single_env(module, *DOMAINS["minigrid-rgb"])
+def test_minigrid_rgb_is_the_partial_view_in_pixels(template):
+    _, env = single_env(template, *DOMAINS["minigrid-rgb"])
     obs, _ = env.reset(seed=0)
     assert obs.dtype == np.uint8 and obs.shape == (3, 84, 84)
     np.testing.assert_array_equal(obs, np.transpose(env.unwrapped.get_frame(tile_size=28, agent_pov=True), (2, 0, 1)))
 
 
-def test_frame_stack(module):
-    _, env = single_env(module, "--env-id", "CartPoleNoVel-v1", "--frame-stack", "4")
+def test_frame_stack(template):
+    _, env = single_env(template, "--env-id", "CartPoleNoVel-v1", "--frame-stack", "4")
     obs, _ = env.reset(seed=0)
     assert obs.shape == (16,)
     next_obs, *_ = env.step(0)
     np.testing.assert_array_equal(next_obs[:12], obs[4:])  # oldest first: the window slides by one frame
-    _, env = single_env(module, *DOMAINS["atari"], "--frame-stack", "4")
+    _, env = single_env(template, *DOMAINS["atari"], "--frame-stack", "4")
     assert env.reset(seed=0)[0].shape == (4, 84, 84)
 
 
-def test_atari_life_loss_ends_the_training_episode_not_the_game(module):
-    _, env = single_env(module, *DOMAINS["atari"])
+def test_atari_life_loss_ends_the_training_episode_not_the_game(template):
+    _, env = single_env(template, *DOMAINS["atari"])
     ale = env.unwrapped.ale
     assert env.unwrapped._frameskip == 1  # frame skip is applied once, by AtariPreprocessing
     env.reset(seed=0)
@@ -110,17 +141,17 @@ def test_atari_life_loss_ends_the_training_episode_not_the_game(module):
     assert ale.lives() == lives - 1
 
 
-def test_normalisation_statistics_survive_a_checkpoint(module):
+def test_normalisation_statistics_survive_a_checkpoint(template):
     """A resumed run must scale observations and rewards as the interrupted one did."""
-    args = module.parse_args([*DOMAINS["mujoco"], *TINY])
-    envs = module.make_envs(args, "")
+    args = template.parse_args([*DOMAINS["mujoco"], *TINY])
+    envs = template.make_envs(args, "")
     envs.reset(seed=0)
     for _ in range(20):
         envs.step(envs.action_space.sample())
-    saved = copy.deepcopy(module.env_statistics(envs))  # as a checkpoint round trip would give them back
-    fresh = module.make_envs(args, "")
-    module.load_env_statistics(fresh, saved)
-    for before, after in zip(module.env_statistics(envs), module.env_statistics(fresh), strict=True):
+    saved = copy.deepcopy(template.env_statistics(envs))  # as a checkpoint round trip would give them back
+    fresh = template.make_envs(args, "")
+    template.load_env_statistics(fresh, saved)
+    for before, after in zip(template.env_statistics(envs), template.env_statistics(fresh), strict=True):
         for wrapper_before, wrapper_after in zip(before, after, strict=True):
             for name, rms in wrapper_before.items():
                 np.testing.assert_array_equal(rms.mean, wrapper_after[name].mean)
