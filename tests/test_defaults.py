@@ -101,3 +101,17 @@ def test_every_intended_difference_says_why_at_its_line():
             for name in settings:
                 source = lines[row, name]
                 assert "#" in source, f"{script.name}: {row} {name} differs from ppo_mlp.py without a reason"
+
+
+def test_the_memory_s11_row_refines_minigrid_for_that_env_only(template):
+    memory = template.parse_args(["--env-id", "MiniGrid-MemoryS11-v0", "--minigrid-obs", "symbolic"])
+    assert (memory.update_epochs, memory.num_minibatches, memory.ent_coef) == (8, 8, 0.03)
+    doorkey = template.parse_args(["--env-id", "MiniGrid-DoorKey-8x8-v0", "--minigrid-obs", "symbolic"])
+    row = template.DOMAIN_DEFAULTS["minigrid"]
+    assert (doorkey.update_epochs, doorkey.num_minibatches, doorkey.ent_coef) == (
+        row["update_epochs"],
+        row["num_minibatches"],
+        row["ent_coef"],
+    )
+    passed = template.parse_args(["--env-id", "MiniGrid-MemoryS11-v0", "--ent-coef", "0.01"])
+    assert passed.ent_coef == 0.01  # a flag the user passes still wins
