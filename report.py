@@ -267,6 +267,36 @@ def iqm_and_gap(scores: np.ndarray) -> np.ndarray:
     return np.array([metrics.aggregate_iqm(scores), metrics.aggregate_optimality_gap(scores)])
 
 
+def first_reach(steps: np.ndarray, returns: np.ndarray, target: float, window: int = 100) -> float | None:
+    """The step of the first episode after which the mean of the last `window` episodes is >= target (a full
+    window only: one early lucky episode is not a learned policy); None if it never is."""
+    if len(returns) < window:
+        return None
+    cumulative = np.concatenate([[0.0], np.cumsum(returns)])
+    means = (cumulative[window:] - cumulative[:-window]) / window  # means[i]: episodes i .. i + window - 1
+    reached = np.flatnonzero(means >= target)
+    return float(steps[reached[0] + window - 1]) if len(reached) else None
+
+
+def reach_table(out: Path, grid: Grid, targets: dict[str, float]) -> str:
+    """Per row and target environment: each seed's first step at which the last-100 mean reached the target."""
+    table = []
+    for env, target in targets.items():
+        for row in grid.rows:
+            runs = sorted(grid.runs(row, env), key=lambda s: s["seed"])
+            if not runs:
+                continue
+            cells = []
+            for summary in runs:
+                episodes = read_curve(summary)
+                step = first_reach(*episodes, target) if episodes is not None else None
+                cells.append(f"seed {summary['seed']}: {'never' if step is None else f'{step / 1e6:.2f} M'}")
+            reached = sum("never" not in cell for cell in cells)
+            table.append([env, target, row, f"{reached} of {len(runs)}", "; ".join(cells)])
+    header = ["env", "target", "arch", "seeds that reached it", "first step (last-100 mean >= target)"]
+    return write_table(out, "reach", header, table, "Runs of every status are counted, each up to its last step.")
+
+
 def plot_curves(out: Path, grid: Grid) -> str:
     """Per environment: each row's last-100-episode mean return by step, mean and +-1 std over seeds."""
     (out / "curves").mkdir(exist_ok=True)
@@ -301,7 +331,23 @@ def main():
     parser.add_argument("runs", nargs="+", type=Path, help="directories holding runs (searched recursively)")
     parser.add_argument("--out", type=Path, default=Path("results"), help="where the tables and plots go")
     parser.add_argument("--bootstrap-reps", type=int, default=2000, help="stratified bootstrap resamples")
+    parser.add_argument(
+        "--reach",
+        action="append",
+        default=[],
+        metavar="ENV=RETURN",
+        help="also tabulate the first step at which each run's last-100 mean reached RETURN (repeatable)",
+    )
     options = parser.parse_args()
+    targets = {}
+    for item in options.reach:
+        env, _, value = item.rpartition("=")
+        try:
+            targets[env] = float(value)
+        except ValueError:
+            parser.error(f"--reach wants ENV=RETURN, got {item!r}")
+        if not env:
+            parser.error(f"--reach wants ENV=RETURN, got {item!r}")
     for directory in options.runs:
         if not directory.is_dir():
             parser.error(f"{directory} is not a directory")
@@ -321,6 +367,7 @@ def main():
         "## Speed per environment\n\n" + speed_table(out, grid),
         "## Final return (last 100 episodes), mean +- std over seeds\n\n" + returns_table(out, grid),
         "## Aggregate (normalised returns)\n\n" + aggregate_table(out, grid, options.bootstrap_reps),
+        *(["## Steps to a target return\n\n" + reach_table(out, grid, targets)] if targets else []),
         "## Learning curves\n\n" + plot_curves(out, grid),
     ]
     (out / "report.md").write_text("\n".join(sections))

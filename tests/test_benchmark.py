@@ -347,3 +347,23 @@ def test_slurm_job_array_completes_every_cell_and_a_requeued_task_resumes(tmp_pa
     log = (tmp_path / "runs/benchmark/logs/mlp__CartPoleNoVel-v1__5.log").read_text()
     assert "interrupted: continue with" in log
     assert f"resuming {run_dir.name} at step" in log
+
+
+def test_report_reach_gives_each_seeds_first_step_to_a_target(tmp_path):
+    runs = tmp_path / "runs"
+    # Seed 1: 100 episodes at 0.5, then 100 at 1.0: the last-100 mean first reaches 0.9 after episode 180, when
+    # 80 of the last 100 pay 1.0 (0.2 x 0.5 + 0.8 x 1.0 = 0.9). Seed 2 stays at 0.5 and never reaches it.
+    for seed, returns in ((1, [0.5] * 100 + [1.0] * 100), (2, [0.5] * 200)):
+        run_dir = fake_run(runs, "trxl", "MiniGrid-MemoryS11-v0", seed, returns[-1])
+        rows = "".join(f"{1000 * (i + 1)},{ret},10\n" for i, ret in enumerate(returns))
+        (run_dir / "episodes.csv").write_text("global_step,episodic_return,episodic_length\n" + rows)
+    result = report(
+        "runs", "--out", "out", "--bootstrap-reps", "50", "--reach", "MiniGrid-MemoryS11-v0=0.9", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    (row,) = read_csv(tmp_path / "out" / "reach.csv")
+    assert row["arch"] == "trxl" and row["seeds that reached it"] == "1 of 2"
+    assert row["first step (last-100 mean >= target)"] == "seed 1: 0.18 M; seed 2: never"
+    assert "## Steps to a target return" in (tmp_path / "out" / "report.md").read_text()
+    bad = report("runs", "--reach", "0.9", cwd=tmp_path)
+    assert bad.returncode == 2 and "--reach wants ENV=RETURN" in bad.stderr
