@@ -120,6 +120,10 @@ def probe_accuracy(samples: list[dict], key: str) -> dict:
     return result
 
 
+def mean(values: list) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
 def training_curve(run_dir: Path, points: int = 8) -> list[tuple]:
     """(step, entropy, approx KL, clip fraction, success) at evenly spaced updates of the run."""
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0}).Reload()
@@ -151,11 +155,11 @@ def main():
         share = {key: np.mean([e[key] for e in group]) for key in ("success", "length", "turned_back", "saw_cue")}
         print(f"| {x} | {'yes' if x == 1 else 'no'} | {len(group)} | {share['success']:.2f} | {share['length']:.1f} "
               f"| {share['turned_back']:.2f} | {share['saw_cue']:.2f} |")  # fmt: skip
-    saw = [e for e in episodes if e["saw_cue"]]
+    saw = [e["success"] for e in episodes if e["saw_cue"]]
+    missed = [e["success"] for e in episodes if not e["saw_cue"]]
     print(
-        f"\nall: success {np.mean([e['success'] for e in episodes]):.3f}; "
-        f"success when the cue was seen {np.mean([e['success'] for e in saw]) if saw else float('nan'):.3f} "
-        f"({len(saw)} episodes), when not {np.mean([e['success'] for e in episodes if not e['saw_cue']]):.3f}\n"
+        f"\nall: success {mean([e['success'] for e in episodes]):.3f}; success when the cue was seen "
+        f"{mean(saw):.3f} ({len(saw)} episodes), when not {mean(missed):.3f} ({len(missed)} episodes)\n"
     )
 
     print("| probe on | " + " | ".join(f"{low}-{high} steps since the cue" for low, high in STEPS_SINCE_CUE) + " |")
@@ -170,8 +174,7 @@ def main():
     for saw_cue in (True, False):
         for match in (True, False):
             group = [d for d in decisions if d["saw_cue"] == saw_cue and d["match"] == match]
-            forward = np.mean([d["forward"] for d in group]) if group else float("nan")
-            value = np.mean([d["value"] for d in group]) if group else float("nan")
+            forward, value = mean([d["forward"] for d in group]), mean([d["value"] for d in group])
             print(f"| {'yes' if saw_cue else 'no'} | {'matches' if match else 'differs'} | {len(group)} "
                   f"| {forward:.2f} | {value:.3f} |")  # fmt: skip
 
