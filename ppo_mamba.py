@@ -85,6 +85,9 @@ class Args:
     """if toggled, cuDNN is deterministic and TF32 is off, so rollout and training agree exactly on GPUs"""
     cuda: bool = True
     """if toggled, cuda will be used when available"""
+    torch_threads: int | None = None
+    """CPU threads for torch; default 1 for vector and symbolic observations (their layers are too small to
+    gain from splitting), torch's own default (one per core) for images"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "rlbenchnet"
@@ -346,6 +349,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
     for name in SIZE_FIELDS + TRUNK_SIZE_FIELDS:
         if getattr(args, name) <= 0:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
+    if args.torch_threads is not None and args.torch_threads <= 0:
+        fail(f"--torch-threads must be positive, got {args.torch_threads}")
     for name, choices in TRUNK_CHOICE_FIELDS.items():
         if getattr(args, name) not in choices:
             fail(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
@@ -849,6 +854,10 @@ def main(args: Args) -> None:
     # TF32 (cuDNN's default) moves GPU outputs by about 2e-4, enough for rollout and training to disagree
     if args.torch_deterministic:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    images = args.domain == "atari" or (args.domain == "minigrid" and args.minigrid_obs == "rgb")
+    if args.torch_threads or not images:
+        torch.set_num_threads(args.torch_threads or 1)
 
     envs = make_envs(args, run_name)
     agent = Agent(envs.single_observation_space, envs.single_action_space, args).to(device)

@@ -26,6 +26,7 @@ BAD_INPUT = {
     "resume of a missing run": (["--resume", "runs/missing"], "no checkpoint"),
     "unknown minigrid obs": ([*DOMAINS["minigrid-rgb"], "--minigrid-obs", "pixels"], "rgb or symbolic"),
     "frame stack below one": (["--frame-stack", "0"], "--frame-stack must be at least 1"),
+    "zero torch threads": (["--torch-threads", "0"], "--torch-threads must be positive"),
 }
 # Each real-valued PPO setting: finite, and inside the range where it means something (see Args).
 OUT_OF_RANGE = {

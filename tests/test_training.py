@@ -127,6 +127,24 @@ def test_a_budget_below_one_batch_still_makes_one_update(template, tmp_path, mon
     assert summary["status"] == "complete" and summary["global_step"] == 32
 
 
+@pytest.mark.parametrize(
+    ("domain", "flags", "threads"),
+    [
+        ("classic", [], [1]),
+        ("minigrid-symbolic", [], [1]),
+        ("minigrid-rgb", [], []),
+        ("minigrid-rgb", ["--torch-threads", "3"], [3]),
+    ],
+)
+def test_small_inputs_train_on_one_torch_thread_and_the_flag_overrides(
+    template, domain, flags, threads, tmp_path, monkeypatch
+):
+    calls = []
+    monkeypatch.setattr(template.torch, "set_num_threads", calls.append)  # the test process keeps its threads
+    train(template, [*DOMAINS[domain], *TINY, *flags], tmp_path, monkeypatch)
+    assert calls == threads  # images: torch's own default, untouched
+
+
 def test_same_seed_same_summary(module, tmp_path, monkeypatch):
     argv = [*DOMAINS["classic"], *TINY, "--total-timesteps", "256", "--torch-deterministic"]
     summaries = []

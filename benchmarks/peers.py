@@ -1,0 +1,239 @@
+"""Steps per second of our scripts against Stable-Baselines3 on the same PPO config, and against each other.
+
+Every entry runs in a fresh process (so no run warms another's caches or threads), and the entries run in
+turn, round after round (A B C ... A B C ...), so that a slow spell of the machine lands on all of them. A
+figure is the median over rounds of steps / training-loop seconds: our scripts' `summary.json` `sps`, the
+peers' timed around `model.learn` (neither counts imports or building the envs and the network).
+
+    python benchmarks/peers.py                        # every config, 3 rounds
+    python benchmarks/peers.py --configs cartpole-novel --rounds 2 --entries ppo_mlp.py sb3-ppo
+
+Configs (the PPO flags are the same for every entry in a config; network sizes are each script's own):
+- cartpole-novel: CartPoleNoVel-v1 (CartPole-v1 with observation indices 1 and 3 zeroed), 8 envs x 128
+  steps, 4 minibatches of 256, 10 epochs, lr 2.5e-4. Peers: SB3 `PPO("MlpPolicy")` and sb3-contrib
+  `RecurrentPPO("MlpLstmPolicy")` on a masking wrapper of their own, with their libraries' default networks
+  (the targets) and with the network of the script each is compared with (for reference).
+- memory-symbolic: MiniGrid-MemoryS11-v0, symbolic observations, 16 envs x 128 steps, 8 minibatches,
+  8 epochs (its defaults row). Our scripts only.
+
+The random-policy ceiling is the same wrapped vector env as `ppo_mlp.py`'s, stepped with random actions;
+the MLP's rollout phase is quoted as a share of it.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import load_script  # noqa: E402
+
+PPO_FLAGS = {
+    "cartpole-novel": [
+        "--env-id",
+        "CartPoleNoVel-v1",
+        "--num-envs",
+        "8",
+        "--num-steps",
+        "128",
+        "--num-minibatches",
+        "4",
+        "--update-epochs",
+        "10",
+        "--learning-rate",
+        "2.5e-4",
+    ],
+    "memory-symbolic": [
+        "--env-id",
+        "MiniGrid-MemoryS11-v0",
+        "--minigrid-obs",
+        "symbolic",
+        "--num-envs",
+        "16",
+        "--num-steps",
+        "128",
+        "--num-minibatches",
+        "8",
+        "--update-epochs",
+        "8",
+        "--learning-rate",
+        "2.5e-4",
+    ],
+}
+SCRIPTS = ["ppo_mlp.py", "ppo_lstm.py", "ppo_gru.py", "ppo_trxl.py", "ppo_gtrxl.py", "ppo_mamba.py", "ppo_mamba2.py"]
+PEERS = {
+    "cartpole-novel": ["sb3-ppo", "sb3-ppo-our-net", "sb3-recurrent-ppo", "sb3-recurrent-ppo-our-net"],
+    "memory-symbolic": [],
+}
+STEPS = {"cartpole-novel": 51_200, "memory-symbolic": 40_960}
+# sb3-contrib's RecurrentPPO runs at about a hundred steps a second here: 10 updates are enough to time it
+PEER_STEPS = {
+    "sb3-ppo": 51_200,
+    "sb3-ppo-our-net": 51_200,
+    "sb3-recurrent-ppo": 10_240,
+    "sb3-recurrent-ppo-our-net": 10_240,
+}
+TARGETS = {  # entry -> (the entry it is compared with, the least ratio the issue asks for)
+    "ppo_mlp.py": ("sb3-ppo", 1.5),
+    "ppo_lstm.py": ("sb3-recurrent-ppo", 15.0),
+}
+SAME_NETWORK = {"ppo_mlp.py": "sb3-ppo-our-net", "ppo_lstm.py": "sb3-recurrent-ppo-our-net"}  # for reference
+MEMORY_TARGET = 0.5  # every memory script against ppo_mlp.py, same flags
+ROLLOUT_TARGET = 0.25  # ppo_mlp.py's rollout phase against the random-policy ceiling
+
+
+def run_ours(script: str, flags: list[str], steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as cwd:
+        command = [sys.executable, str(ROOT / script), *flags, "--total-timesteps", str(steps)]
+        subprocess.run([*command, "--exp-name", "peers"], cwd=cwd, check=True, capture_output=True)
+        (path,) = Path(cwd).glob("runs/*/summary.json")
+        summary = json.loads(path.read_text())
+    return {"sps": summary["sps"], "rollout_sps": summary["rollout_sps"]}
+
+
+def make_peer(name: str):
+    """A peer's model on its own 8 CartPoleNoVel envs, with the issue's PPO config.
+
+    `sb3-ppo` and `sb3-recurrent-ppo` are the libraries' defaults, the peers the targets are set against
+    (PPO: separate 64-64 tanh actor and critic; RecurrentPPO: an LSTM of 256 for each, then 64-64). The
+    `-our-net` entries get the network of the script they are compared with (ppo_mlp.py's: three shared
+    128-wide tanh layers, then linear heads; ppo_lstm.py's: a 64-wide tanh encoder and one shared 64-wide
+    LSTM), so that their ratio compares the PPO code alone.
+    """
+    import gymnasium as gym
+    import numpy as np
+    import torch.nn as nn
+    from stable_baselines3.common.env_util import make_vec_env
+    from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+
+    class TanhLayers(BaseFeaturesExtractor):
+        def __init__(self, observation_space: gym.spaces.Box, widths: tuple[int, ...]):
+            super().__init__(observation_space, widths[-1])
+            layers, size = [], observation_space.shape[0]
+            for width in widths:
+                layers += [nn.Linear(size, width), nn.Tanh()]
+                size = width
+            self.net = nn.Sequential(*layers)
+
+        def forward(self, observations):
+            return self.net(observations)
+
+    def mask_velocities(env):  # CartPoleNoVel-v1: cart and pole velocities (indices 1, 3) read as 0
+        return gym.wrappers.TransformObservation(env, lambda obs: obs * np.array([1, 0, 1, 0], obs.dtype), None)
+
+    envs = make_vec_env("CartPole-v1", n_envs=8, seed=1, wrapper_class=mask_velocities)
+    config = dict(n_steps=128, batch_size=256, n_epochs=10, learning_rate=2.5e-4, device="cpu", seed=1)
+    if name.startswith("sb3-ppo"):
+        from stable_baselines3 import PPO
+
+        policy = dict(features_extractor_class=TanhLayers, features_extractor_kwargs=dict(widths=(128,) * 3))
+        policy.update(net_arch=[])
+        model = PPO("MlpPolicy", envs, policy_kwargs=policy if "our-net" in name else None, **config)
+    else:
+        from sb3_contrib import RecurrentPPO
+
+        policy = dict(features_extractor_class=TanhLayers, features_extractor_kwargs=dict(widths=(64,)))
+        policy.update(net_arch=[], lstm_hidden_size=64, shared_lstm=True, enable_critic_lstm=False)
+        model = RecurrentPPO("MlpLstmPolicy", envs, policy_kwargs=policy if "our-net" in name else None, **config)
+    return model
+
+
+def run_peer(name: str, steps: int) -> dict:
+    """One peer's training in this process (the caller gives it a fresh one): the steps/s of `learn`."""
+    model = make_peer(name)
+    start = time.perf_counter()
+    model.learn(total_timesteps=steps)
+    return {"sps": model.num_timesteps / (time.perf_counter() - start), "rollout_sps": None}
+
+
+def measure(entry: str, config: str) -> dict:
+    if entry in PEER_STEPS:
+        command = [sys.executable, __file__, "--peer", entry, "--steps", str(PEER_STEPS[entry])]
+        output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return json.loads(output.splitlines()[-1])
+    return run_ours(entry, PPO_FLAGS[config], STEPS[config])
+
+
+def random_policy_sps(config: str, seconds: float = 5.0) -> float:
+    template = load_script("ppo_mlp")
+    args = template.parse_args(PPO_FLAGS[config])
+    envs = template.make_envs(args, "")
+    envs.reset(seed=0)
+    envs.action_space.seed(0)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        envs.step(envs.action_space.sample())
+        steps += args.num_envs
+    envs.close()
+    return steps / (time.perf_counter() - start)
+
+
+def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceiling: float) -> list[bool]:
+    sps = {entry: statistics.median(run["sps"] for run in figures[entry]) for entry in entries}
+    print(f"\n### {config} ({' '.join(PPO_FLAGS[config])})\n")
+    print("| entry | steps/s (median) | runs | compared with | ratio | target | met |")
+    print("|---|---|---|---|---|---|---|")
+    met = []
+    for entry in entries:
+        targets = [TARGETS[entry]] if entry in TARGETS else []
+        if entry in SCRIPTS[1:]:
+            targets.append(("ppo_mlp.py", MEMORY_TARGET))
+        targets = [(other, target) for other, target in targets if other in sps] or [(None, None)]
+        runs = ", ".join(f"{run['sps']:,.0f}" for run in figures[entry])
+        for other, target in targets:
+            if other is None:
+                print(f"| {entry} | {sps[entry]:,.0f} | {runs} | | | | |")
+                continue
+            ratio = sps[entry] / sps[other]
+            met.append(ratio >= target)
+            print(f"| {entry} | {sps[entry]:,.0f} | {runs} | {other} | {ratio:.2f}x | {target}x | {met[-1]} |")
+    for entry, peer in SAME_NETWORK.items():
+        if entry in sps and peer in sps:
+            print(f"\n{entry} against {peer}, the same network: {sps[entry] / sps[peer]:.2f}x (no target)")
+    if "ppo_mlp.py" in sps:
+        rollout = statistics.median(run["rollout_sps"] for run in figures["ppo_mlp.py"])
+        met.append(rollout / ceiling >= ROLLOUT_TARGET)
+        print(
+            f"\nppo_mlp.py's rollout phase: {rollout:,.0f} steps/s, {rollout / ceiling:.0%} of the random-policy "
+            f"ceiling of {ceiling:,.0f} steps/s (target {ROLLOUT_TARGET:.0%}, met: {met[-1]})"
+        )
+    return met
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", nargs="+", default=list(PPO_FLAGS), choices=list(PPO_FLAGS))
+    parser.add_argument("--entries", nargs="+", help="scripts and peers to run (default: all of the config's)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--peer", choices=list(PEER_STEPS), help=argparse.SUPPRESS)  # one peer run, internal
+    parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.peer:
+        print(json.dumps(run_peer(options.peer, options.steps)))
+        return
+
+    import platform
+
+    import torch
+
+    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    all_met = []
+    for config in options.configs:
+        entries = [e for e in SCRIPTS + PEERS[config] if not options.entries or e in options.entries]
+        ceiling = random_policy_sps(config)
+        figures = {entry: [] for entry in entries}
+        for round_index in range(options.rounds):
+            for entry in entries:
+                figures[entry].append(measure(entry, config))
+                print(f"round {round_index + 1}, {entry}: {figures[entry][-1]['sps']:,.0f} steps/s", flush=True)
+        all_met += report(config, entries, figures, ceiling)
+    print(f"\nevery target met: {all(all_met)} ({sum(all_met)} of {len(all_met)})")
+
+
+if __name__ == "__main__":
+    main()

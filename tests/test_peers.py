@@ -1,0 +1,56 @@
+"""benchmarks/peers.py: the peers train on our networks and config, and the table states each target."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, load
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import peers
+
+
+def parameters(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_matched_peers_have_our_networks_and_config():
+    for peer, script in (("sb3-ppo", "ppo_mlp.py"), ("sb3-recurrent-ppo", "ppo_lstm.py")):
+        module = load(ROOT / script)
+        args = module.parse_args(peers.PPO_FLAGS["cartpole-novel"])
+        envs = module.make_envs(args, "")
+        agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
+        model = peers.make_peer(f"{peer}-our-net")
+        assert parameters(model.policy) == parameters(agent), peer
+        assert (model.n_envs, model.n_steps, model.batch_size, model.n_epochs) == (8, 128, 256, 10)
+        assert model.batch_size == args.minibatch_size and model.learning_rate == args.learning_rate
+        assert parameters(peers.make_peer(peer).policy) != parameters(agent)  # the library's default
+
+
+def test_a_peer_run_reports_its_steps_per_second():
+    command = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--peer", "sb3-ppo", "--steps", "1024"]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    assert json.loads(output.splitlines()[-1])["sps"] > 0
+
+
+def test_report_gives_each_ratio_against_its_target(capsys):
+    def runs(*sps):
+        return [{"sps": value, "rollout_sps": 2 * value} for value in sps]
+
+    figures = {
+        "ppo_mlp.py": runs(3000, 3300, 3100),  # median 3100, rollout 6200
+        "ppo_gru.py": runs(1500, 1600, 1400),  # median 1500: 0.48x the MLP's
+        "ppo_lstm.py": runs(1600, 1600, 1600),
+        "sb3-ppo": runs(2000, 2000, 2000),  # the MLP: 1.55x
+        "sb3-recurrent-ppo": runs(100, 100, 100),  # the LSTM: 16x
+        "sb3-ppo-our-net": runs(1550, 1550, 1550),  # the MLP: 2x
+    }
+    met = peers.report("cartpole-novel", list(figures), figures, ceiling=31_000)
+    table = capsys.readouterr().out
+    assert "| ppo_mlp.py | 3,100 | 3,000, 3,300, 3,100 | sb3-ppo | 1.55x | 1.5x | True |" in table
+    assert "| ppo_gru.py | 1,500 | 1,500, 1,600, 1,400 | ppo_mlp.py | 0.48x | 0.5x | False |" in table
+    assert "| ppo_lstm.py | 1,600 | 1,600, 1,600, 1,600 | sb3-recurrent-ppo | 16.00x | 15.0x | True |" in table
+    assert "| ppo_lstm.py | 1,600 | 1,600, 1,600, 1,600 | ppo_mlp.py | 0.52x | 0.5x | True |" in table
+    assert "20% of the random-policy ceiling of 31,000 steps/s (target 25%, met: False)" in table
+    assert "ppo_mlp.py against sb3-ppo-our-net, the same network: 2.00x (no target)" in table
+    assert met == [True, False, True, True, False]
