@@ -25,13 +25,13 @@ import json
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import load_script  # noqa: E402
+from throughput import ppo_summary, random_policy_sps  # noqa: E402
 
 PPO_FLAGS = {
     "cartpole-novel": [
@@ -70,7 +70,7 @@ PEERS = {
     "cartpole-novel": ["sb3-ppo", "sb3-ppo-our-net", "sb3-recurrent-ppo", "sb3-recurrent-ppo-our-net"],
     "memory-symbolic": [],
 }
-STEPS = {"cartpole-novel": 51_200, "memory-symbolic": 40_960}
+STEPS = {"cartpole-novel": 51_200, "memory-symbolic": 40_960}  # 50 and 20 updates
 # sb3-contrib's RecurrentPPO runs at about a hundred steps a second here: 10 updates are enough to time it
 PEER_STEPS = {
     "sb3-ppo": 51_200,
@@ -85,14 +85,12 @@ TARGETS = {  # entry -> (the entry it is compared with, the least ratio the issu
 SAME_NETWORK = {"ppo_mlp.py": "sb3-ppo-our-net", "ppo_lstm.py": "sb3-recurrent-ppo-our-net"}  # for reference
 MEMORY_TARGET = 0.5  # every memory script against ppo_mlp.py, same flags
 ROLLOUT_TARGET = 0.25  # ppo_mlp.py's rollout phase against the random-policy ceiling
+template = load_script("ppo_mlp")  # for the configs' batch sizes and the ceiling's vector env
 
 
-def run_ours(script: str, flags: list[str], steps: int) -> dict:
-    with tempfile.TemporaryDirectory() as cwd:
-        command = [sys.executable, str(ROOT / script), *flags, "--total-timesteps", str(steps)]
-        subprocess.run([*command, "--exp-name", "peers"], cwd=cwd, check=True, capture_output=True)
-        (path,) = Path(cwd).glob("runs/*/summary.json")
-        summary = json.loads(path.read_text())
+def run_ours(script: str, config: str) -> dict:
+    batch_size = template.parse_args(PPO_FLAGS[config]).batch_size
+    summary = ppo_summary(ROOT / script, PPO_FLAGS[config], STEPS[config] // batch_size, batch_size)
     return {"sps": summary["sps"], "rollout_sps": summary["rollout_sps"]}
 
 
@@ -156,21 +154,7 @@ def measure(entry: str, config: str) -> dict:
         command = [sys.executable, __file__, "--peer", entry, "--steps", str(PEER_STEPS[entry])]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         return json.loads(output.splitlines()[-1])
-    return run_ours(entry, PPO_FLAGS[config], STEPS[config])
-
-
-def random_policy_sps(config: str, seconds: float = 5.0) -> float:
-    template = load_script("ppo_mlp")
-    args = template.parse_args(PPO_FLAGS[config])
-    envs = template.make_envs(args, "")
-    envs.reset(seed=0)
-    envs.action_space.seed(0)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        envs.step(envs.action_space.sample())
-        steps += args.num_envs
-    envs.close()
-    return steps / (time.perf_counter() - start)
+    return run_ours(entry, config)
 
 
 def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceiling: float) -> list[bool]:
@@ -225,7 +209,7 @@ def main():
     all_met = []
     for config in options.configs:
         entries = [e for e in SCRIPTS + PEERS[config] if not options.entries or e in options.entries]
-        ceiling = random_policy_sps(config)
+        ceiling = random_policy_sps(template, PPO_FLAGS[config])
         figures = {entry: [] for entry in entries}
         for round_index in range(options.rounds):
             for entry in entries:
