@@ -3,7 +3,7 @@ between episode starts, never once per time step, and the pieces give exactly wh
 
 import pytest
 import torch
-from conftest import DOMAINS
+from conftest import DOMAINS, ROOT, load
 
 STEPS, ENVS = 128, 4
 
@@ -56,3 +56,51 @@ def test_pieces_equal_a_per_step_loop_with_gradients(module, device):
     for loop_grad, pieces_grad in zip(loop_grads, pieces_grads, strict=True):
         # float32 sums over 512 steps in another order (cuDNN's backward): 1e-5 of the largest entry
         torch.testing.assert_close(pieces_grad, loop_grad, atol=1e-5 * loop_grad.abs().max().item(), rtol=0)
+
+
+def test_the_gru_hand_written_backward_equals_autograd_through_nn_gru():
+    """ppo_gru.py's CPU gradient (`GRUBackward`) against autograd through the same `nn.GRU` pieces, in float64:
+    the input, the initial state and all four parameters, with episode starts inside the sequence."""
+    module = load(ROOT / "ppo_gru.py")
+    args = module.parse_args(DOMAINS["classic"])
+    torch.manual_seed(0)
+    trunk = module.Trunk(args.hidden_size, args).double()
+    for param in trunk.parameters():  # away from the zero biases of the initialisation
+        torch.nn.init.normal_(param, std=0.3)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(STEPS, ENVS, args.hidden_size, dtype=torch.float64, generator=generator, requires_grad=True)
+    state = torch.randn(ENVS, args.hidden_size, dtype=torch.float64, generator=generator, requires_grad=True)
+    starts = (torch.rand(STEPS, ENVS, generator=generator) < 0.05).double()
+    starts[[0, 60, 60], [1, 0, 2]] = 1  # a start at the first step, two environments starting together
+    weights = torch.randn(STEPS, ENVS, args.hidden_size, dtype=torch.float64, generator=generator)
+    inputs = [x, state, *trunk.parameters()]
+
+    def loss(y, final_state):
+        return (y * weights).sum() + final_state.square().sum()
+
+    y, final_state = trunk(x, state, starts)
+    hand_written = torch.autograd.grad(loss(y, final_state), inputs)
+    reference_y = trunk.pieces(x, state, starts)
+    reference = torch.autograd.grad(loss(reference_y, reference_y[-1]), inputs)
+    torch.testing.assert_close(y, reference_y, rtol=0, atol=0)  # the forward is nn.GRU's own
+    for grad, reference_grad in zip(hand_written, reference, strict=True):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-12)
+    assert state.grad is None and hand_written[1].abs().sum() > 0
+
+
+def test_the_gru_hand_written_backward_passes_gradcheck():
+    """Finite differences, independent of nn.GRU's autograd: a small GRU, 12 steps, starts inside."""
+    module = load(ROOT / "ppo_gru.py")
+    args = module.parse_args(DOMAINS["classic"] + ["--hidden-size", "5"])
+    torch.manual_seed(0)
+    trunk = module.Trunk(args.hidden_size, args).double()
+    for param in trunk.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    x = torch.randn(12, 3, 5, dtype=torch.float64, requires_grad=True)
+    state = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    starts = torch.zeros(12, 3, dtype=torch.float64)
+    starts[[0, 4, 4, 9], [0, 1, 2, 1]] = 1
+    params = list(trunk.parameters())
+    assert torch.autograd.gradcheck(
+        lambda x, state, *params: module.GRUBackward.apply(x, state, starts, trunk, *params), (x, state, *params)
+    )
