@@ -53,4 +53,3 @@ def test_memory_solves_cartpole_without_velocity(tmp_path, name, steps, target):
     """The best 100-episode mean reaches the issue's target within the budget (each script's default one)."""
     final_return(tmp_path, "--env-id", "CartPoleNoVel-v1", "--total-timesteps", str(steps), script=ROOT / name)
     assert best_100_episode_mean(tmp_path) >= target
-
