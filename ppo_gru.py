@@ -609,8 +609,8 @@ class Trunk(nn.Module):
             starts = torch.zeros_like(starts)
         if x.is_cuda or not torch.is_grad_enabled():
             y = self.pieces(x, state, starts)
-            return y, y[-1]
-        y = GRUBackward.apply(x, state, starts, self, *self.rnn.parameters())
+        else:
+            y = GRUBackward.apply(x, state, starts, self, *self.rnn.parameters())
         return y, y[-1]
 
     def pieces(self, x: torch.Tensor, state: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
@@ -657,8 +657,8 @@ class GRUBackward(torch.autograd.Function):
         n = torch.tanh(torch.addcmul(gi[..., 2 * hidden :], r, gh[..., 2 * hidden :]))
         dn_pre = (1 - z) * (1 - n * n)  # d h' / d (gi_n + r * gh_n), per unit of d h'
         # d gh [T, B, 3, hidden] per unit of d h', for the r, z and n blocks
-        dgh_per_dh = torch.stack([dn_pre * gh[..., 2 * hidden :] * r * (1 - r), (h_before - n) * z * (1 - z)], 2)
-        dgh_per_dh = torch.cat([dgh_per_dh, (dn_pre * r)[:, :, None]], 2)
+        dgh_r, dgh_z = dn_pre * gh[..., 2 * hidden :] * r * (1 - r), (h_before - n) * z * (1 - z)
+        dgh_per_dh = torch.stack([dgh_r, dgh_z, dn_pre * r], 2)
         grad_h = torch.empty_like(h_before)  # d loss / d h' at every step, through y and through later steps
         carried = torch.zeros_like(h_before[0])
         steps = zip(grad_y.unbind(0), grad_h.unbind(0), dgh_per_dh.unbind(0), z.unbind(0), keep.unbind(0), strict=True)
