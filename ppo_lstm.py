@@ -106,6 +106,9 @@ class Args:
     """MiniGrid input: `rgb` (84x84 partial view, as in the paper) or `symbolic` (3x3 grid of indices)"""
     minigrid_max_steps: int = 96
     """cut MiniGrid episodes after this many steps (the paper's 96); rewards keep MiniGrid's own scale"""
+    async_envs: bool = False
+    """step each env in its own process (Gymnasium's AsyncVectorEnv) instead of one after another in this one:
+    faster where an env step costs more than the round trip to a process and there is a core per env"""
 
     # PPO; `None` takes the value of the domain-defaults table (section 3)
     total_timesteps: int | None = None
@@ -464,7 +467,18 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     """Same-step autoreset: the observation returned with a done is already the next episode's first, so
     `starts[t + 1] = terminated | truncated`, and the last observation is in `info["final_obs"]`."""
     thunks = [make_env(args, i, run_name) for i in range(args.num_envs)]
-    envs = gym.vector.SyncVectorEnv(thunks, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    same_step = gym.vector.AutoresetMode.SAME_STEP
+    if args.async_envs:
+        # The worker processes inherit these ignored signals: a Ctrl-C to the process group or a SIGTERM to
+        # every process (SLURM) reaches this process alone, which checkpoints and then closes the workers.
+        handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            envs = gym.vector.AsyncVectorEnv(thunks, autoreset_mode=same_step, context="fork")
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+    else:
+        envs = gym.vector.SyncVectorEnv(thunks, autoreset_mode=same_step)
     if args.domain in ("mujoco", "classic"):
         # Returns of hundreds would swamp the trunk that the policy shares with the value head: scale them to
         # about 1. The vector wrapper updates its statistics once per step for all envs, not once per env.
@@ -473,32 +487,31 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     return envs
 
 
-def wrapper_chains(envs: gym.vector.VectorEnv) -> list[list]:
-    """Every wrapper around and inside the vector env, as one chain for the vector env and one per env."""
-    chains = [[]]
+def reward_normalisers(envs: gym.vector.VectorEnv) -> list[gym.vector.VectorWrapper]:
+    """The vector wrappers that keep running statistics of the returns (NormalizeReward)."""
+    found = []
     while isinstance(envs, gym.vector.VectorWrapper):
-        chains[0].append(envs)
+        if hasattr(envs, "return_rms"):
+            found.append(envs)
         envs = envs.env
-    for env in envs.envs:
-        chains.append([])
-        while isinstance(env, gym.Wrapper):
-            chains[-1].append(env)
-            env = env.env
-    return chains
+    return found
 
 
-def env_statistics(envs: gym.vector.VectorEnv) -> list[list[dict]]:
-    """The running normalisation statistics, so a resumed run sees the same scaling."""
-    names = ("obs_rms", "return_rms")
-    chains = wrapper_chains(envs)
-    return [[{n: getattr(w, n) for n in names if hasattr(w, n)} for w in chain] for chain in chains]
+def env_statistics(envs: gym.vector.VectorEnv, args: Args) -> dict:
+    """The running normalisation statistics, so a resumed run sees the same scaling: the returns' and, on
+    MuJoCo, each env's observations, asked through the vector env so that under --async-envs each worker
+    process answers for its env."""
+    stats = {"return_rms": [wrapper.return_rms for wrapper in reward_normalisers(envs)]}
+    if args.domain == "mujoco":
+        stats["obs_rms"] = list(envs.unwrapped.get_attr("obs_rms"))
+    return stats
 
 
-def load_env_statistics(envs: gym.vector.VectorEnv, stats: list[list[dict]]):
-    for chain, chain_stats in zip(wrapper_chains(envs), stats, strict=True):
-        for wrapper, found in zip(chain, chain_stats, strict=True):
-            for name, value in found.items():
-                setattr(wrapper, name, value)
+def load_env_statistics(envs: gym.vector.VectorEnv, stats: dict):
+    for wrapper, return_rms in zip(reward_normalisers(envs), stats["return_rms"], strict=True):
+        wrapper.return_rms = return_rms
+    if "obs_rms" in stats:
+        envs.unwrapped.set_attr("obs_rms", stats["obs_rms"])
     # <<< shared: environments
 
 
@@ -855,7 +868,7 @@ def main(args: Args) -> None:
             "iteration": completed,
             "agent": agent.state_dict(),
             "optimizer": optimizer.state_dict(),
-            "env_statistics": env_statistics(envs),
+            "env_statistics": env_statistics(envs, args),
             "episodes": episodes,
             "first_minibatch_ratio_error": ratio_error,
             "wall_s": wall_before + time.time() - start_time,

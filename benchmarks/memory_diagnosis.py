@@ -36,7 +36,7 @@ STEPS_SINCE_CUE = [(1, 2), (3, 5), (6, 10), (11, 96)]
 def replay(module, args, checkpoint: dict, episodes: int, num_envs: int = 16) -> tuple[list, list, list]:
     """Episodes (start, cue, success, length, turned back, saw cue), probe samples (features, cue, age) and
     decisions (cue seen, object ahead matches, P(forward), value)."""
-    args = dataclasses.replace(args, num_envs=num_envs, capture_video=False)
+    args = dataclasses.replace(args, num_envs=num_envs, capture_video=False, async_envs=False)  # it reads envs.envs
     envs = module.make_envs(args, "")
     agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
     agent.load_state_dict(checkpoint["agent"])

@@ -8,6 +8,7 @@ table for docs/performance.md.
     python benchmarks/throughput.py                               # ppo_mlp.py, every config
     python benchmarks/throughput.py --scripts ppo_mlp.py ppo_lstm.py --configs cartpole-novel memory-rgb
     python benchmarks/throughput.py --scripts ppo_mlp.py ppo_lstm.py --configs cartpole-novel --updates 489  # 500 k
+    python benchmarks/throughput.py --configs breakout breakout-async memory-rgb memory-rgb-async  # --async-envs
 """
 
 import argparse
@@ -27,7 +28,9 @@ CONFIGS = {
     "cartpole-novel-fs4": (["--env-id", "CartPoleNoVel-v1", "--frame-stack", "4"], 40),
     "halfcheetah": (["--env-id", "HalfCheetah-v4"], 10),
     "breakout": (["--env-id", "ALE/Breakout-v5"], 3),
+    "breakout-async": (["--env-id", "ALE/Breakout-v5", "--async-envs"], 3),
     "memory-rgb": (["--env-id", "MiniGrid-MemoryS11-v0"], 3),
+    "memory-rgb-async": (["--env-id", "MiniGrid-MemoryS11-v0", "--async-envs"], 3),
     "memory-symbolic": (["--env-id", "MiniGrid-MemoryS11-v0", "--minigrid-obs", "symbolic"], 10),
     "doorkey-symbolic": (["--env-id", "MiniGrid-DoorKey-8x8-v0", "--minigrid-obs", "symbolic"], 10),
 }  # name -> (flags, PPO updates to time)

@@ -90,3 +90,15 @@ def test_gtrxl_layers_start_close_to_the_identity(domain, device):
         )
     assert deviations[2.0] < 0.3, deviations
     assert deviations[0.0] > 2 * deviations[2.0], deviations
+
+
+def test_gtrxl_gate_bias_is_zero_on_memory_s11_only():
+    """b_g = 2 everywhere but MiniGrid-MemoryS11-v0, where the gates start open (the row's comment says why);
+    a flag the user passes still wins."""
+    module = load(ROOT / "ppo_gtrxl.py")
+    memory = ["--env-id", "MiniGrid-MemoryS11-v0", "--minigrid-obs", "symbolic"]
+    assert module.parse_args(memory).gate_bias == 0.0
+    assert module.parse_args([*memory, "--gate-bias", "2"]).gate_bias == 2.0
+    doorkey = ["--env-id", "MiniGrid-DoorKey-8x8-v0", "--minigrid-obs", "symbolic"]
+    for other in (DOMAINS["classic"], DOMAINS["atari"], doorkey):
+        assert module.parse_args(other).gate_bias == 2.0, other

@@ -1,7 +1,9 @@
 """The domain-defaults tables: each script's PPO settings differ from ppo_mlp.py's only where this file says so,
-and each difference carries its reason in a comment at the line. Trunk sizes (each script's
-TRUNK_SIZE_FIELDS) may differ freely: tests/test_surface.py holds them to the MLP's parameter count."""
+and each difference carries its reason in a comment at the line. Trunk settings may differ freely: the sizes
+(each script's TRUNK_SIZE_FIELDS), which tests/test_surface.py holds to the MLP's parameter count, and a trunk's
+own flags (tests/test_attention.py checks GTrXL's --gate-bias)."""
 
+import dataclasses
 import re
 
 from conftest import SCRIPTS, TEMPLATE, load
@@ -46,13 +48,20 @@ INTENDED_DIFFERENCES = {
 }
 
 
+def trunk_settings(module, reference) -> set[str]:
+    """A trunk's sizes and its own flags (--gate-bias), which the reference does not have: not PPO settings."""
+    own = {field.name for field in dataclasses.fields(module.Args)}
+    own -= {field.name for field in dataclasses.fields(reference.Args)}
+    return own | set(module.TRUNK_SIZE_FIELDS)
+
+
 def ppo_differences(module, reference) -> dict[str, dict]:
-    """Row -> setting -> value, for every PPO setting (not a trunk size) where the table differs from the
+    """Row -> setting -> value, for every PPO setting (not a trunk setting) where the table differs from the
     reference's."""
     differences = {}
     for row in module.DOMAIN_DEFAULTS.keys() | reference.DOMAIN_DEFAULTS.keys():
         ours, theirs = module.DOMAIN_DEFAULTS.get(row, {}), reference.DOMAIN_DEFAULTS.get(row, {})
-        for name in (ours.keys() | theirs.keys()) - set(module.TRUNK_SIZE_FIELDS):
+        for name in (ours.keys() | theirs.keys()) - trunk_settings(module, reference):
             if ours.get(name) != theirs.get(name):
                 differences.setdefault(row, {})[name] = ours.get(name)
     return differences

@@ -156,6 +156,27 @@ def test_same_seed_same_summary(module, tmp_path, monkeypatch):
     assert summaries[0]["episodes"] > 0
 
 
+@pytest.mark.parametrize(
+    "env", [DOMAINS["classic"], ["--env-id", "Hopper-v4"], DOMAINS["minigrid-symbolic"]], ids=lambda env: env[1]
+)
+def test_async_envs_train_exactly_as_the_envs_in_this_process(template, env, tmp_path, monkeypatch):
+    """--async-envs moves each env into a worker process and changes nothing else: same episodes, same
+    updates, same result (MuJoCo's observation statistics live in the workers; Hopper's episodes are short)."""
+    argv = [*env, *TINY, "--total-timesteps", "256"]
+    runs = {}
+    for name, flags in (("sync", []), ("async", ["--async-envs"])):
+        (tmp_path / name).mkdir()
+        run_dir, summary = train(template, [*argv, *flags], tmp_path / name, monkeypatch)
+        runs[name] = (
+            {k: v for k, v in summary.items() if k not in TIMING_FIELDS},
+            (run_dir / "episodes.csv").read_text(),
+        )
+    (sync, sync_episodes), (async_, async_episodes) = runs["sync"], runs["async"]
+    assert async_["args"].pop("async_envs") and not sync["args"].pop("async_envs")
+    assert async_ == sync and async_episodes == sync_episodes
+    assert sync["status"] == "complete" and sync["episodes"] > 0
+
+
 def test_non_finite_loss_fails_the_run_and_says_why(template, tmp_path, monkeypatch):
     module = template
     original = module.Agent.get_action_and_value
@@ -201,6 +222,33 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_total(tmp_path):
     assert final["episodes"] > summary["episodes"]
     assert final["args"] == summary["args"] | {"resume": str(run_dir.relative_to(tmp_path))}
     assert list(tmp_path.iterdir()) == [tmp_path / "runs"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "slurm-sigterm"])
+def test_a_signal_to_every_process_still_checkpoints_with_async_envs(signum, tmp_path):
+    """Ctrl-C reaches the whole process group and SLURM's SIGTERM every process of the job: the env workers
+    ignore both, and the main process checkpoints, closes them and leaves none behind."""
+    argv = ["--env-id", "CartPoleNoVel-v1", "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2"]
+    argv += ["--update-epochs", "1", "--total-timesteps", "200000", "--async-envs"]
+    process = subprocess.Popen(
+        [sys.executable, str(TEMPLATE), *argv],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    )
+    for line in process.stdout:
+        if line.startswith("step"):
+            break
+    os.killpg(process.pid, signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and signal.Signals(signum).name in summary["reason"]
+    with pytest.raises(ProcessLookupError):  # the group is empty: no worker outlived the run
+        os.killpg(process.pid, 0)
 
 
 def test_sigint_drops_the_partial_rollout_and_keeps_the_last_update(template, tmp_path, monkeypatch):

@@ -141,20 +141,24 @@ def test_atari_life_loss_ends_the_training_episode_not_the_game(template):
     assert ale.lives() == lives - 1
 
 
-def test_normalisation_statistics_survive_a_checkpoint(template):
-    """A resumed run must scale observations and rewards as the interrupted one did."""
-    args = template.parse_args([*DOMAINS["mujoco"], *TINY])
-    envs = template.make_envs(args, "")
+@pytest.mark.parametrize("async_envs", [False, True], ids=["sync", "async"])
+def test_normalisation_statistics_survive_a_checkpoint(template, async_envs):
+    """A resumed run must scale observations and rewards as the interrupted one did, with the envs in this
+    process or in worker processes."""
+    args = template.parse_args([*DOMAINS["mujoco"], *TINY, *(["--async-envs"] if async_envs else [])])
+    envs, fresh = template.make_envs(args, ""), template.make_envs(args, "")
     envs.reset(seed=0)
     for _ in range(20):
         envs.step(envs.action_space.sample())
-    saved = copy.deepcopy(template.env_statistics(envs))  # as a checkpoint round trip would give them back
-    fresh = template.make_envs(args, "")
+    saved = copy.deepcopy(template.env_statistics(envs, args))  # as a checkpoint round trip would give them
+    assert len(saved["return_rms"]) == 1 and len(saved["obs_rms"]) == args.num_envs
     template.load_env_statistics(fresh, saved)
-    for before, after in zip(template.env_statistics(envs), template.env_statistics(fresh), strict=True):
-        for wrapper_before, wrapper_after in zip(before, after, strict=True):
-            for name, rms in wrapper_before.items():
-                np.testing.assert_array_equal(rms.mean, wrapper_after[name].mean)
-                assert rms.count == wrapper_after[name].count > 20
-    names = {name for chain in saved for wrapper in chain for name in wrapper}
-    assert names == {"obs_rms", "return_rms"}
+    restored = template.env_statistics(fresh, args)
+    for before, after in zip(
+        [*saved["return_rms"], *saved["obs_rms"]], [*restored["return_rms"], *restored["obs_rms"]], strict=True
+    ):
+        np.testing.assert_array_equal(before.mean, after.mean)
+        np.testing.assert_array_equal(before.var, after.var)
+        assert before.count == after.count > 20
+    envs.close()
+    fresh.close()
