@@ -1,9 +1,12 @@
 """Steps per second of our scripts against Stable-Baselines3 on the same PPO config, and against each other.
 
 Every entry runs in a fresh process (so no run warms another's caches or threads), and the entries run in
-turn, round after round (A B C ... A B C ...), so that a slow spell of the machine lands on all of them. A
-figure is the median over rounds of steps / training-loop seconds: our scripts' `summary.json` `sps`, the
-peers' timed around `model.learn` (neither counts imports or building the envs and the network).
+turn, round after round, each next to the entry it is compared with and in reverse order every other round
+(A B C ... C B A ...). A figure is the median over rounds of steps / training-loop seconds: our scripts'
+`summary.json` `sps`, the peers' timed around `model.learn` (neither counts imports or building the envs and
+the network). A ratio is the median over rounds of that round's ratio: this machine's speed can halve from one
+minute to the next (measured: ppo_mlp.py at 5,938 and 2,550 steps/s in two rounds), and a pair run side by side
+sees the same speed.
 
     python benchmarks/peers.py                        # every config, 3 rounds
     python benchmarks/peers.py --configs cartpole-novel --rounds 2 --entries ppo_mlp.py sb3-ppo
@@ -67,7 +70,13 @@ PPO_FLAGS = {
 }
 SCRIPTS = ["ppo_mlp.py", "ppo_lstm.py", "ppo_gru.py", "ppo_trxl.py", "ppo_gtrxl.py", "ppo_mamba.py", "ppo_mamba2.py"]
 PEERS = {
-    "cartpole-novel": ["sb3-ppo", "sb3-ppo-our-net", "sb3-recurrent-ppo", "sb3-recurrent-ppo-our-net"],
+    "cartpole-novel": [
+        "sb3-ppo",
+        "sb3-ppo-our-net",
+        "sb3-ppo-our-work",
+        "sb3-recurrent-ppo",
+        "sb3-recurrent-ppo-our-net",
+    ],
     "memory-symbolic": [],
 }
 STEPS = {"cartpole-novel": 51_200, "memory-symbolic": 40_960}  # 50 and 20 updates
@@ -75,6 +84,7 @@ STEPS = {"cartpole-novel": 51_200, "memory-symbolic": 40_960}  # 50 and 20 updat
 PEER_STEPS = {
     "sb3-ppo": 51_200,
     "sb3-ppo-our-net": 51_200,
+    "sb3-ppo-our-work": 51_200,
     "sb3-recurrent-ppo": 10_240,
     "sb3-recurrent-ppo-our-net": 10_240,
 }
@@ -83,6 +93,10 @@ TARGETS = {  # entry -> (the entry it is compared with, the least ratio the issu
     "ppo_lstm.py": ("sb3-recurrent-ppo", 15.0),
 }
 SAME_NETWORK = {"ppo_mlp.py": "sb3-ppo-our-net", "ppo_lstm.py": "sb3-recurrent-ppo-our-net"}  # for reference
+SAME_WORK = {"ppo_mlp.py": "sb3-ppo-our-work"}  # our network, value clipping and reward normalisation too
+# Each entry next to the one it is compared with: the MLP among its SB3 peers, the LSTM among its sb3-contrib ones
+RUN_ORDER = ["sb3-ppo", "sb3-ppo-our-net", "ppo_mlp.py", "sb3-ppo-our-work", "ppo_lstm.py", "sb3-recurrent-ppo"]
+RUN_ORDER += ["sb3-recurrent-ppo-our-net", *SCRIPTS[2:]]
 MEMORY_TARGET = 0.5  # every memory script against ppo_mlp.py, same flags
 ROLLOUT_TARGET = 0.25  # ppo_mlp.py's rollout phase against the random-policy ceiling
 template = load_script("ppo_mlp")  # for the configs' batch sizes and the ceiling's vector env
@@ -101,7 +115,9 @@ def make_peer(name: str):
     (PPO: separate 64-64 tanh actor and critic; RecurrentPPO: an LSTM of 256 for each, then 64-64). The
     `-our-net` entries get the network of the script they are compared with (ppo_mlp.py's: three shared
     128-wide tanh layers, then linear heads; ppo_lstm.py's: a 64-wide tanh encoder and one shared 64-wide
-    LSTM), so that their ratio compares the PPO code alone.
+    LSTM), so that their ratio compares the PPO code alone. `sb3-ppo-our-work` also does the two things
+    ppo_mlp.py does on classic control that SB3's defaults do not: it clips the value loss (clip_range_vf 0.2,
+    CleanRL's clip_vloss) and normalises rewards (VecNormalize: the return's running std, clipped at 10).
     """
     import gymnasium as gym
     import numpy as np
@@ -126,12 +142,17 @@ def make_peer(name: str):
 
     envs = make_vec_env("CartPole-v1", n_envs=8, seed=1, wrapper_class=mask_velocities)
     config = dict(n_steps=128, batch_size=256, n_epochs=10, learning_rate=2.5e-4, device="cpu", seed=1)
+    if name == "sb3-ppo-our-work":
+        from stable_baselines3.common.vec_env import VecNormalize
+
+        envs = VecNormalize(envs, norm_obs=False, norm_reward=True, clip_reward=10.0, gamma=0.99)
+        config["clip_range_vf"] = 0.2
     if name.startswith("sb3-ppo"):
         from stable_baselines3 import PPO
 
         policy = dict(features_extractor_class=TanhLayers, features_extractor_kwargs=dict(widths=(128,) * 3))
         policy.update(net_arch=[])
-        model = PPO("MlpPolicy", envs, policy_kwargs=policy if "our-net" in name else None, **config)
+        model = PPO("MlpPolicy", envs, policy_kwargs=None if name == "sb3-ppo" else policy, **config)
     else:
         from sb3_contrib import RecurrentPPO
 
@@ -157,8 +178,15 @@ def measure(entry: str, config: str) -> dict:
     return run_ours(entry, config)
 
 
-def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceiling: float) -> list[bool]:
+def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceilings: list[float]) -> list[bool]:
+    """The table: medians over rounds, and each ratio paired by round (the random-policy ceiling was measured
+    just before ppo_mlp.py in each round)."""
     sps = {entry: statistics.median(run["sps"] for run in figures[entry]) for entry in entries}
+
+    def ratio(entry: str, other: str) -> float:  # paired by round
+        pairs = zip(figures[entry], figures[other], strict=True)
+        return statistics.median(mine["sps"] / theirs["sps"] for mine, theirs in pairs)
+
     print(f"\n### {config} ({' '.join(PPO_FLAGS[config])})\n")
     print("| entry | steps/s (median) | runs | compared with | ratio | target | met |")
     print("|---|---|---|---|---|---|---|")
@@ -173,18 +201,24 @@ def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceil
             if other is None:
                 print(f"| {entry} | {sps[entry]:,.0f} | {runs} | | | | |")
                 continue
-            ratio = sps[entry] / sps[other]
-            met.append(ratio >= target)
-            print(f"| {entry} | {sps[entry]:,.0f} | {runs} | {other} | {ratio:.2f}x | {target}x | {met[-1]} |")
+            paired = ratio(entry, other)
+            met.append(paired >= target)
+            print(f"| {entry} | {sps[entry]:,.0f} | {runs} | {other} | {paired:.2f}x | {target}x | {met[-1]} |")
     for entry, peer in SAME_NETWORK.items():
         if entry in sps and peer in sps:
-            print(f"\n{entry} against {peer}, the same network: {sps[entry] / sps[peer]:.2f}x (no target)")
+            print(f"\n{entry} against {peer}, the same network: {ratio(entry, peer):.2f}x (no target)")
+    for entry, peer in SAME_WORK.items():
+        if entry in sps and peer in sps:
+            print(f"\n{entry} against {peer}, the same work: {ratio(entry, peer):.2f}x (no target)")
     if "ppo_mlp.py" in sps:
         rollout = statistics.median(run["rollout_sps"] for run in figures["ppo_mlp.py"])
-        met.append(rollout / ceiling >= ROLLOUT_TARGET)
+        share = statistics.median(
+            run["rollout_sps"] / ceiling for run, ceiling in zip(figures["ppo_mlp.py"], ceilings, strict=True)
+        )
+        met.append(share >= ROLLOUT_TARGET)
         print(
-            f"\nppo_mlp.py's rollout phase: {rollout:,.0f} steps/s, {rollout / ceiling:.0%} of the random-policy "
-            f"ceiling of {ceiling:,.0f} steps/s (target {ROLLOUT_TARGET:.0%}, met: {met[-1]})"
+            f"\nppo_mlp.py's rollout phase: {rollout:,.0f} steps/s, {share:.0%} of the random-policy ceiling of "
+            f"{statistics.median(ceilings):,.0f} steps/s (target {ROLLOUT_TARGET:.0%}, met: {met[-1]})"
         )
     return met
 
@@ -208,14 +242,17 @@ def main():
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     all_met = []
     for config in options.configs:
-        entries = [e for e in SCRIPTS + PEERS[config] if not options.entries or e in options.entries]
-        ceiling = random_policy_sps(template, PPO_FLAGS[config])
-        figures = {entry: [] for entry in entries}
+        entries = [
+            e for e in RUN_ORDER if e in SCRIPTS + PEERS[config] and (not options.entries or e in options.entries)
+        ]
+        figures, ceilings = {entry: [] for entry in entries}, []
         for round_index in range(options.rounds):
-            for entry in entries:
+            for entry in entries if round_index % 2 == 0 else entries[::-1]:
+                if entry == "ppo_mlp.py":
+                    ceilings.append(random_policy_sps(template, PPO_FLAGS[config]))
                 figures[entry].append(measure(entry, config))
                 print(f"round {round_index + 1}, {entry}: {figures[entry][-1]['sps']:,.0f} steps/s", flush=True)
-        all_met += report(config, entries, figures, ceiling)
+        all_met += report(config, entries, figures, ceilings)
     print(f"\nevery target met: {all(all_met)} ({sum(all_met)} of {len(all_met)})")
 
 

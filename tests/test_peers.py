@@ -27,6 +27,19 @@ def test_matched_peers_have_our_networks_and_config():
         assert parameters(peers.make_peer(peer).policy) != parameters(agent)  # the library's default
 
 
+def test_the_same_work_peer_clips_the_value_loss_and_normalises_rewards_as_the_mlp_does():
+    module = load(ROOT / "ppo_mlp.py")
+    args = module.parse_args(peers.PPO_FLAGS["cartpole-novel"])
+    envs = module.make_envs(args, "")
+    agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
+    model = peers.make_peer("sb3-ppo-our-work")
+    assert parameters(model.policy) == parameters(agent)
+    assert args.clip_vloss and model.clip_range_vf(1.0) == args.clip_coef
+    normaliser = model.get_vec_normalize_env()
+    assert normaliser.norm_reward and not normaliser.norm_obs
+    assert (normaliser.clip_reward, normaliser.gamma) == (10.0, args.gamma)
+
+
 def test_a_peer_run_reports_its_steps_per_second():
     command = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--peer", "sb3-ppo", "--steps", "1024"]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -44,8 +57,9 @@ def test_report_gives_each_ratio_against_its_target(capsys):
         "sb3-ppo": runs(2000, 2000, 2000),  # the MLP: 1.55x
         "sb3-recurrent-ppo": runs(100, 100, 100),  # the LSTM: 16x
         "sb3-ppo-our-net": runs(1550, 1550, 1550),  # the MLP: 2x
+        "sb3-ppo-our-work": runs(2480, 2480, 2480),  # the MLP: 1.25x
     }
-    met = peers.report("cartpole-novel", list(figures), figures, ceiling=31_000)
+    met = peers.report("cartpole-novel", list(figures), figures, ceilings=[31_000] * 3)
     table = capsys.readouterr().out
     assert "| ppo_mlp.py | 3,100 | 3,000, 3,300, 3,100 | sb3-ppo | 1.55x | 1.5x | True |" in table
     assert "| ppo_gru.py | 1,500 | 1,500, 1,600, 1,400 | ppo_mlp.py | 0.48x | 0.5x | False |" in table
@@ -53,4 +67,17 @@ def test_report_gives_each_ratio_against_its_target(capsys):
     assert "| ppo_lstm.py | 1,600 | 1,600, 1,600, 1,600 | ppo_mlp.py | 0.52x | 0.5x | True |" in table
     assert "20% of the random-policy ceiling of 31,000 steps/s (target 25%, met: False)" in table
     assert "ppo_mlp.py against sb3-ppo-our-net, the same network: 2.00x (no target)" in table
+    assert "ppo_mlp.py against sb3-ppo-our-work, the same work: 1.25x (no target)" in table
     assert met == [True, False, True, True, False]
+
+
+def test_a_ratio_pairs_the_runs_of_one_round(capsys):
+    """The machine's speed halved between rounds: each round's ratio is 2, the medians' ratio is not."""
+    figures = {
+        "ppo_mlp.py": [{"sps": sps, "rollout_sps": sps} for sps in (4000, 2000, 2000)],
+        "sb3-ppo": [{"sps": sps, "rollout_sps": None} for sps in (2000, 2000, 1000)],
+    }
+    peers.report("cartpole-novel", list(figures), figures, ceilings=[8000, 8000, 4000])
+    table = capsys.readouterr().out
+    assert "| ppo_mlp.py | 2,000 | 4,000, 2,000, 2,000 | sb3-ppo | 2.00x | 1.5x | True |" in table
+    assert "2,000 steps/s, 50% of the random-policy ceiling of 8,000 steps/s" in table
