@@ -309,6 +309,8 @@ def read_checkpoint(run_dir: str) -> dict:
     written_by = checkpoint.get("script") if isinstance(checkpoint, dict) else None
     if written_by != script:
         fail(f"--resume: {path} was written by {written_by or 'an unknown program'}, not by {script}")
+    if not isinstance(checkpoint.get("env_statistics", {}), dict):  # a list of wrapper chains, in earlier versions
+        fail(f"--resume: {path} was written by an earlier version of {script}: its env statistics do not load")
     return checkpoint
 
 
@@ -472,7 +474,8 @@ def make_envs(args: Args, run_name: str) -> gym.vector.VectorEnv:
     if args.async_envs:
         # The worker processes inherit these ignored signals: a Ctrl-C to the process group or a SIGTERM to
         # every process (SLURM) reaches this process alone, which checkpoints and then closes the workers.
-        handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in (signal.SIGINT, signal.SIGTERM)}
+        signals = (signal.SIGINT, signal.SIGTERM)
+        handlers = {signum: signal.signal(signum, signal.SIG_IGN) for signum in signals}
         try:
             envs = gym.vector.AsyncVectorEnv(thunks, autoreset_mode=same_step, context="fork")
         finally:

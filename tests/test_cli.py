@@ -91,6 +91,10 @@ RESUME_CASES = {
     "written before checkpoints named their script": ({"args": {}}, "written by an unknown program"),
     "written by another script": ({"script": "ppo_lstm.py", "args": {}}, "written by ppo_lstm.py, not by"),
     "arguments this version lacks": ({"script": "ppo_mlp.py", "args": {"no_such_flag": 1}}, "lacks: no_such_flag"),
+    "env statistics of an earlier version": (
+        {"script": "ppo_mlp.py", "args": {}, "env_statistics": [[{}], [{}]]},
+        "earlier version of ppo_mlp.py: its env statistics do not load",
+    ),
 }
 
 

@@ -12,11 +12,15 @@ from conftest import ROOT, TEMPLATE, run_script
 pytestmark = pytest.mark.slow
 
 
-def final_return(tmp_path, *argv, script=TEMPLATE) -> float:
-    result = run_script(script, *argv, "--seed", "1", cwd=tmp_path, timeout=1800)
+def summary_of_run(tmp_path, *argv, script=TEMPLATE, timeout=1800) -> dict:
+    result = run_script(script, *argv, "--seed", "1", cwd=tmp_path, timeout=timeout)
     assert result.returncode == 0, result.stderr
     (summary,) = tmp_path.glob("runs/*/summary.json")
-    return json.loads(summary.read_text())["final_return_mean"]
+    return json.loads(summary.read_text())
+
+
+def final_return(tmp_path, *argv, script=TEMPLATE) -> float:
+    return summary_of_run(tmp_path, *argv, script=script)["final_return_mean"]
 
 
 def best_100_episode_mean(tmp_path) -> float:
@@ -53,3 +57,12 @@ def test_memory_solves_cartpole_without_velocity(tmp_path, name, steps, target):
     """The best 100-episode mean reaches the issue's target within the budget (each script's default one)."""
     final_return(tmp_path, "--env-id", "CartPoleNoVel-v1", "--total-timesteps", str(steps), script=ROOT / name)
     assert best_100_episode_mean(tmp_path) >= target
+
+
+def test_gtrxl_remembers_the_cue_on_memory_s11(tmp_path):
+    """Issue 12's bar with GTrXL's MemoryS11 defaults (3 M steps, 40-60 min alone on 2 cores): it solved
+    all three seeds (first last-100 mean >= 0.9 at 0.71-2.19 M), so seed 1 stands for any (a guessing run
+    ends near 0.5)."""
+    argv = ["--env-id", "MiniGrid-MemoryS11-v0", "--minigrid-obs", "symbolic"]
+    summary = summary_of_run(tmp_path, *argv, script=ROOT / "ppo_gtrxl.py", timeout=6 * 3600)
+    assert summary["final_return_mean"] >= 0.9 and summary["success_rate"] >= 0.93
