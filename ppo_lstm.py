@@ -167,6 +167,8 @@ class Args:
 ARCH = "lstm"
 TRUNK_SIZE_FIELDS = ("hidden_size",)
 TRUNK_CHOICE_FIELDS = {}  # trunk flags with a fixed set of values: name -> the values
+TRUNK_RANGE_FIELDS = ()  # trunk flags that are (low, high) ranges of positive numbers
+TRUNK_FINITE_FIELDS = ()  # trunk flags that take any finite number
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,6 +343,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
     for name, choices in TRUNK_CHOICE_FIELDS.items():
         if getattr(args, name) not in choices:
             fail(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    for name in TRUNK_RANGE_FIELDS:  # (low, high) of an initialisation draw
+        low, high = getattr(args, name)
+        if not 0 < low <= high < math.inf:
+            fail(f"{flag(name)} must be two finite numbers with 0 < low <= high, got {low} {high}")
+    for name in TRUNK_FINITE_FIELDS:
+        if not math.isfinite(getattr(args, name)):
+            fail(f"{flag(name)} must be finite, got {getattr(args, name)}")
     # A NaN fails every comparison, so it is caught with the values out of range.
     coefficient_ranges = {
         "learning_rate": (args.learning_rate > 0, "> 0"),

@@ -175,6 +175,12 @@ class Args:
     """width of the causal depthwise convolution (Mamba-2's d_conv)"""
     chunk_size: int = 64
     """SSD chunk length in steps: quadratic within a chunk, a recurrence across chunks"""
+    dt_init: tuple[float, float] = (1e-3, 1e-1)
+    """range of the step sizes dt at initialisation, log-uniform (Mamba-2's dt_min, dt_max)"""
+    a_init: tuple[float, float] = (1.0, 16.0)
+    """range of each head's decay rate -A at initialisation, uniform (Mamba-2's A_init_range)"""
+    d_init: float = 1.0
+    """initial value of the skip D x (Mamba-2's 1)"""
     mamba_backend: str = "auto"
     """auto, torch or cuda. auto is the torch path (as fast as the kernel over 128-step rollouts on an H200);
     cuda runs mamba-ssm's kernel on a CUDA device where mamba-ssm imports, else torch, saying why"""
@@ -193,6 +199,8 @@ TRUNK_SIZE_FIELDS = (
     "chunk_size",
 )
 TRUNK_CHOICE_FIELDS = {"mamba_backend": ("auto", "torch", "cuda")}
+TRUNK_RANGE_FIELDS = ("dt_init", "a_init")  # trunk flags that are (low, high) ranges of positive numbers
+TRUNK_FINITE_FIELDS = ("d_init",)  # trunk flags that take any finite number
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -375,6 +383,13 @@ def parse_args(argv: list[str] | None = None) -> Args:
     for name, choices in TRUNK_CHOICE_FIELDS.items():
         if getattr(args, name) not in choices:
             fail(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
+    for name in TRUNK_RANGE_FIELDS:  # (low, high) of an initialisation draw
+        low, high = getattr(args, name)
+        if not 0 < low <= high < math.inf:
+            fail(f"{flag(name)} must be two finite numbers with 0 < low <= high, got {low} {high}")
+    for name in TRUNK_FINITE_FIELDS:
+        if not math.isfinite(getattr(args, name)):
+            fail(f"{flag(name)} must be finite, got {getattr(args, name)}")
     # A NaN fails every comparison, so it is caught with the values out of range.
     coefficient_ranges = {
         "learning_rate": (args.learning_rate > 0, "> 0"),
@@ -716,11 +731,12 @@ class Mamba2Mixer(nn.Module):
         self.shape = (heads, head_size, state_size)
         self.in_proj = nn.Linear(size, inner + conv_channels + heads, bias=False)
         self.conv = nn.Conv1d(conv_channels, conv_channels, args.conv_size, groups=conv_channels)
-        # dt starts log-uniform in [1e-3, 1e-1] and A uniform in [-16, -1], as in the reference implementation
-        dt = torch.empty(heads).uniform_(math.log(1e-3), math.log(1e-1)).exp().clamp(min=1e-4)
+        # dt starts log-uniform in --dt-init and -A uniform in --a-init ([1e-3, 1e-1] and [1, 16] by default, as
+        # in the reference implementation)
+        dt = torch.empty(heads).uniform_(*(math.log(bound) for bound in args.dt_init)).exp().clamp(min=1e-4)
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
-        self.A_log = nn.Parameter(torch.empty(heads).uniform_(1, 16).log())
-        self.D = nn.Parameter(torch.ones(heads))
+        self.A_log = nn.Parameter(torch.empty(heads).uniform_(*args.a_init).log())
+        self.D = nn.Parameter(torch.full((heads,), args.d_init))
         self.norm = nn.RMSNorm(inner, eps=1e-5)
         self.out_proj = nn.Linear(inner, size, bias=False)
         self.chunk_size = args.chunk_size

@@ -102,3 +102,12 @@ def test_gtrxl_gate_bias_is_zero_on_memory_s11_only():
     doorkey = ["--env-id", "MiniGrid-DoorKey-8x8-v0", "--minigrid-obs", "symbolic"]
     for other in (DOMAINS["classic"], DOMAINS["atari"], doorkey):
         assert module.parse_args(other).gate_bias == 2.0, other
+
+
+def test_gtrxl_gate_bias_must_be_finite(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        load(ROOT / "ppo_gtrxl.py").parse_args(["--gate-bias", "nan"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("--gate-bias must be finite, got nan")
+    assert not list(tmp_path.iterdir())

@@ -3,6 +3,7 @@ step-by-step float64 recurrence with starts anywhere and a warm initial state, g
 backend choice, and the mamba-ssm kernel against the torch path where CUDA and mamba-ssm exist."""
 
 import dataclasses
+import sys
 
 import pytest
 import torch
@@ -150,6 +151,43 @@ def test_unknown_backend_is_bad_input(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+BAD_INITIALISATION = {
+    "--dt-init 0 0.1": "--dt-init must be two finite numbers with 0 < low <= high, got 0.0 0.1",
+    "--dt-init 0.1 0.01": "--dt-init must be two finite numbers with 0 < low <= high, got 0.1 0.01",
+    "--a-init 1 inf": "--a-init must be two finite numbers with 0 < low <= high, got 1.0 inf",
+    "--a-init nan 1": "--a-init must be two finite numbers with 0 < low <= high, got nan 1.0",
+    "--d-init nan": "--d-init must be finite, got nan",
+}
+
+
+@pytest.mark.parametrize("argv", BAD_INITIALISATION)
+def test_bad_initialisation_ranges_are_bad_input(argv, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        load(MAMBA2).parse_args(argv.split())
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith(BAD_INITIALISATION[argv])
+    assert not list(tmp_path.iterdir())
+
+
+def test_initialisation_flags_set_dt_a_and_d():
+    """dt = softplus(dt_bias) log-uniform within --dt-init, -A = exp(A_log) within --a-init, D = --d-init;
+    the defaults are the reference implementation's [1e-3, 1e-1], [1, 16] and 1."""
+    module = load(MAMBA2)
+    for argv, dt_range, a_range, d in [
+        ([], (1e-3, 1e-1), (1, 16), 1.0),
+        (["--dt-init", "0.1", "1", "--a-init", "0.05", "1", "--d-init", "0"], (0.1, 1), (0.05, 1), 0.0),
+    ]:
+        args = module.parse_args([*DOMAINS["minigrid-symbolic"], "--num-heads", "64", *argv])
+        for mixer in module.Trunk(args.hidden_size, args).mixers:
+            dt = torch.nn.functional.softplus(mixer.dt_bias.detach())
+            decay_rate = mixer.A_log.detach().exp()
+            assert dt_range[0] * 0.999 <= dt.min() and dt.max() <= dt_range[1] * 1.001
+            assert dt.max() / dt.min() > (dt_range[1] / dt_range[0]) ** 0.5  # spread over the range
+            assert a_range[0] * 0.999 <= decay_rate.min() and decay_rate.max() <= a_range[1] * 1.001
+            assert torch.equal(mixer.D.detach(), torch.full((64,), d))
+
+
 def test_mamba1_offers_no_backend_it_cannot_run():
     """No mamba-ssm kernel can run Mamba-1 exactly (its scan takes no initial state and no resets): no flag."""
     module = load(MAMBA)
@@ -200,3 +238,16 @@ def test_mamba_ssm_kernel_equals_the_torch_path(without_tf32):
         torch.testing.assert_close(kernel_out, torch_out, rtol=1e-2, atol=1e-3)
     for kernel_grad, torch_grad in zip(*gradients, strict=True):
         torch.testing.assert_close(kernel_grad, torch_grad, rtol=1e-2, atol=1e-3)
+
+
+def test_a_memory_first_start_carries_an_input_further():
+    """benchmarks/mamba2_memory_at_init.py: with the reference start an input 10 steps back reaches the
+    output at about 1e-3 of a current one; dt in [0.1, 1], -A in [0.05, 1] and D = 0 carry it about 100x
+    further."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    reach = load(ROOT / "benchmarks" / "mamba2_memory_at_init.py").reach
+    lag = 3  # LAGS index of t = 10
+    reference = reach([], seed=0)
+    memory_first = reach(["--dt-init", "0.1", "1", "--a-init", "0.05", "1", "--d-init", "0"], seed=0)
+    assert reference[lag] / reference[0] < 0.005
+    assert memory_first[lag] / memory_first[0] > 20 * reference[lag] / reference[0]

@@ -49,13 +49,19 @@ def test_pieces_equal_a_per_step_loop_with_gradients(module, device):
         for t in range(STEPS):
             y, carried = trunk(x[t : t + 1], carried, starts[t : t + 1])
             outputs.append(y)
-        return torch.cat(outputs)
+        return torch.cat(outputs), carried
 
-    loop_grads = torch.autograd.grad(per_step(x).square().sum(), [x, *trunk.parameters()])
+    loop_grads = torch.autograd.grad(per_step(x)[0].square().sum(), [x, *trunk.parameters()])
     pieces_grads = torch.autograd.grad(trunk(x, state, starts)[0].square().sum(), [x, *trunk.parameters()])
     for loop_grad, pieces_grad in zip(loop_grads, pieces_grads, strict=True):
         # float32 sums over 512 steps in another order (cuDNN's backward): 1e-5 of the largest entry
         torch.testing.assert_close(pieces_grad, loop_grad, atol=1e-5 * loop_grad.abs().max().item(), rtol=0)
+    with torch.no_grad():  # and the final state (h, or h and c)
+        loop_state, pieces_state = per_step(x)[1], trunk(x, state, starts)[1]
+    if not isinstance(loop_state, tuple):  # the GRU's h alone
+        loop_state, pieces_state = (loop_state,), (pieces_state,)
+    for loop_part, pieces_part in zip(loop_state, pieces_state, strict=True):
+        torch.testing.assert_close(pieces_part, loop_part, atol=1e-6, rtol=0)
 
 
 def test_the_gru_hand_written_backward_equals_autograd_through_nn_gru():
