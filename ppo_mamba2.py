@@ -118,6 +118,9 @@ class Args:
     """total timesteps of the experiment"""
     learning_rate: float | None = None
     """the learning rate of the optimizer (> 0)"""
+    trunk_learning_rate: float | None = None
+    """the learning rate of the trunk's parameters (> 0; default: --learning-rate), annealed with it (the
+    paper trains its Mamba trunks at 1e-4 and the rest at 2.5e-4)"""
     num_envs: int | None = None
     """the number of parallel game environments"""
     num_steps: int | None = None
@@ -181,6 +184,9 @@ class Args:
     """range of each head's decay rate -A at initialisation, uniform (Mamba-2's A_init_range)"""
     d_init: float = 1.0
     """initial value of the skip D x (Mamba-2's 1)"""
+    post_mlp: bool = False
+    """after the blocks, a residual ReLU MLP (width -> width / 2 -> width) before the final norm, as in the
+    paper's Mamba-2 policy (its post_mamba_mlp): a nonlinear read of the blocks' output for the heads"""
     mamba_backend: str = "auto"
     """auto, torch or cuda. auto is the torch path (as fast as the kernel over 128-step rollouts on an H200);
     cuda runs mamba-ssm's kernel on a CUDA device where mamba-ssm imports, else torch, saying why"""
@@ -352,6 +358,8 @@ def read_checkpoint(run_dir: str) -> dict:
         fail(f"--resume: {path} was written by {written_by or 'an unknown program'}, not by {script}")
     if not isinstance(checkpoint.get("env_statistics", {}), dict):  # a list of wrapper chains, in earlier versions
         fail(f"--resume: {path} was written by an earlier version of {script}: its env statistics do not load")
+    if len(checkpoint.get("optimizer", {}).get("param_groups", ())) == 1:  # one for all, in earlier versions
+        fail(f"--resume: {path} is from an earlier version of {script}: its optimizer state does not load")
     return checkpoint
 
 
@@ -374,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
             setattr(args, name, value)
     if args.masked_indices is None:
         args.masked_indices = MASKED_ENVS[args.env_id][1] if args.env_id in MASKED_ENVS else ()
+    if args.trunk_learning_rate is None:
+        args.trunk_learning_rate = args.learning_rate
 
     for name in SIZE_FIELDS + TRUNK_SIZE_FIELDS:
         if getattr(args, name) <= 0:
@@ -393,6 +403,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     # A NaN fails every comparison, so it is caught with the values out of range.
     coefficient_ranges = {
         "learning_rate": (args.learning_rate > 0, "> 0"),
+        "trunk_learning_rate": (args.trunk_learning_rate > 0, "> 0"),
         "gamma": (0 < args.gamma <= 1, "in (0, 1]"),
         "gae_lambda": (0 <= args.gae_lambda <= 1, "in [0, 1]"),
         "clip_coef": (args.clip_coef > 0, "> 0"),
@@ -780,7 +791,8 @@ class Mamba2Mixer(nn.Module):
 
 
 class Trunk(nn.Module):
-    """`num_layers` Mamba-2 blocks (pre-norm residual: x + mixer(RMSNorm(x))) and a final RMSNorm.
+    """`num_layers` Mamba-2 blocks (pre-norm residual: x + mixer(RMSNorm(x))), with `--post-mlp` a residual
+    MLP, and a final RMSNorm.
 
     The state of each layer (convolution window, SSM state) restarts from zero at every episode start, in
     the rollout (one step per call) and in training (whole rollout sequences from the state stored at the
@@ -797,6 +809,12 @@ class Trunk(nn.Module):
         super().__init__()
         self.norms = nn.ModuleList(nn.RMSNorm(input_size, eps=1e-5) for _ in range(args.num_layers))
         self.mixers = nn.ModuleList(Mamba2Mixer(input_size, args) for _ in range(args.num_layers))
+        self.post_mlp = None
+        if args.post_mlp:  # pre-norm like the blocks; PyTorch's default initialisation, as in the paper
+            half = input_size // 2
+            self.post_mlp = nn.Sequential(
+                nn.RMSNorm(input_size, eps=1e-5), nn.Linear(input_size, half), nn.ReLU(), nn.Linear(half, input_size)
+            )
         self.final_norm = nn.RMSNorm(input_size, eps=1e-5)
         self.output_size = input_size
         self.state_reset = not args.no_state_reset
@@ -832,6 +850,8 @@ class Trunk(nn.Module):
             x = x + out
             windows.append(window)
             ssm_states.append(ssm_state)
+        if self.post_mlp is not None:
+            x = x + self.post_mlp(x)
         return self.final_norm(x), (torch.stack(windows, 1), torch.stack(ssm_states, 1))
 
 
@@ -970,7 +990,13 @@ def main(args: Args) -> None:
 
     envs = make_envs(args, run_name)
     agent = Agent(envs.single_observation_space, envs.single_action_space, args).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    # Two parameter groups: everything but the trunk at --learning-rate, the trunk at --trunk-learning-rate
+    trunk_params = list(agent.trunk.parameters())
+    groups = [[p for p in agent.parameters() if all(p is not q for q in trunk_params)], trunk_params]
+    base_rates = (args.learning_rate, args.trunk_learning_rate)
+    optimizer = torch.optim.Adam(
+        [{"params": params, "lr": rate} for params, rate in zip(groups, base_rates, strict=True)], eps=1e-5
+    )
     num_params = sum(p.numel() for p in agent.parameters())
     device_text = device_name(device)
     print(f"{run_name}: {ARCH} on {args.env_id} ({args.domain}), {num_params:,} parameters, {device_text}")
@@ -1090,10 +1116,10 @@ def main(args: Args) -> None:
 
     try:
         for iteration in range(start_iteration + 1, args.num_iterations + 1):
-            learning_rate = args.learning_rate
-            if args.anneal_lr:
-                learning_rate *= 1.0 - (iteration - 1.0) / args.num_iterations
-                optimizer.param_groups[0]["lr"] = learning_rate
+            fraction = 1.0 - (iteration - 1.0) / args.num_iterations if args.anneal_lr else 1.0
+            learning_rate = args.learning_rate * fraction
+            for group, base_rate in zip(optimizer.param_groups, base_rates, strict=True):
+                group["lr"] = base_rate * fraction
 
             # ---- Rollout: one batched forward per env step, state carried, reset at starts ----
             rollout_state = state  # the state before step 0 is where training replays each sequence from

@@ -114,6 +114,9 @@ class Args:
     """total timesteps of the experiment"""
     learning_rate: float | None = None
     """the learning rate of the optimizer (> 0)"""
+    trunk_learning_rate: float | None = None
+    """the learning rate of the trunk's parameters (> 0; default: --learning-rate), annealed with it (the
+    paper trains its Mamba trunks at 1e-4 and the rest at 2.5e-4)"""
     num_envs: int | None = None
     """the number of parallel game environments"""
     num_steps: int | None = None
@@ -301,6 +304,8 @@ def read_checkpoint(run_dir: str) -> dict:
         fail(f"--resume: {path} was written by {written_by or 'an unknown program'}, not by {script}")
     if not isinstance(checkpoint.get("env_statistics", {}), dict):  # a list of wrapper chains, in earlier versions
         fail(f"--resume: {path} was written by an earlier version of {script}: its env statistics do not load")
+    if len(checkpoint.get("optimizer", {}).get("param_groups", ())) == 1:  # one for all, in earlier versions
+        fail(f"--resume: {path} is from an earlier version of {script}: its optimizer state does not load")
     return checkpoint
 
 
@@ -323,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
             setattr(args, name, value)
     if args.masked_indices is None:
         args.masked_indices = MASKED_ENVS[args.env_id][1] if args.env_id in MASKED_ENVS else ()
+    if args.trunk_learning_rate is None:
+        args.trunk_learning_rate = args.learning_rate
 
     for name in SIZE_FIELDS + TRUNK_SIZE_FIELDS:
         if getattr(args, name) <= 0:
@@ -342,6 +349,7 @@ def parse_args(argv: list[str] | None = None) -> Args:
     # A NaN fails every comparison, so it is caught with the values out of range.
     coefficient_ranges = {
         "learning_rate": (args.learning_rate > 0, "> 0"),
+        "trunk_learning_rate": (args.trunk_learning_rate > 0, "> 0"),
         "gamma": (0 < args.gamma <= 1, "in (0, 1]"),
         "gae_lambda": (0 <= args.gae_lambda <= 1, "in [0, 1]"),
         "clip_coef": (args.clip_coef > 0, "> 0"),
@@ -740,7 +748,13 @@ def main(args: Args) -> None:
 
     envs = make_envs(args, run_name)
     agent = Agent(envs.single_observation_space, envs.single_action_space, args).to(device)
-    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5)
+    # Two parameter groups: everything but the trunk at --learning-rate, the trunk at --trunk-learning-rate
+    trunk_params = list(agent.trunk.parameters())
+    groups = [[p for p in agent.parameters() if all(p is not q for q in trunk_params)], trunk_params]
+    base_rates = (args.learning_rate, args.trunk_learning_rate)
+    optimizer = torch.optim.Adam(
+        [{"params": params, "lr": rate} for params, rate in zip(groups, base_rates, strict=True)], eps=1e-5
+    )
     num_params = sum(p.numel() for p in agent.parameters())
     device_text = device_name(device)
     print(f"{run_name}: {ARCH} on {args.env_id} ({args.domain}), {num_params:,} parameters, {device_text}")
@@ -860,10 +874,10 @@ def main(args: Args) -> None:
 
     try:
         for iteration in range(start_iteration + 1, args.num_iterations + 1):
-            learning_rate = args.learning_rate
-            if args.anneal_lr:
-                learning_rate *= 1.0 - (iteration - 1.0) / args.num_iterations
-                optimizer.param_groups[0]["lr"] = learning_rate
+            fraction = 1.0 - (iteration - 1.0) / args.num_iterations if args.anneal_lr else 1.0
+            learning_rate = args.learning_rate * fraction
+            for group, base_rate in zip(optimizer.param_groups, base_rates, strict=True):
+                group["lr"] = base_rate * fraction
 
             # ---- Rollout: one batched forward per env step, state carried, reset at starts ----
             rollout_state = state  # the state before step 0 is where training replays each sequence from

@@ -31,6 +31,7 @@ BAD_INPUT = {
 # Each real-valued PPO setting: finite, and inside the range where it means something (see Args).
 OUT_OF_RANGE = {
     "learning_rate": ["nan", "inf", "0", "-1e-3"],
+    "trunk_learning_rate": ["nan", "inf", "0", "-1e-3"],
     "gamma": ["nan", "0", "1.5", "-0.5"],
     "gae_lambda": ["nan", "-0.1", "1.01"],
     "clip_coef": ["nan", "inf", "0", "-1"],
@@ -94,6 +95,10 @@ RESUME_CASES = {
     "env statistics of an earlier version": (
         {"script": "ppo_mlp.py", "args": {}, "env_statistics": [[{}], [{}]]},
         "earlier version of ppo_mlp.py: its env statistics do not load",
+    ),
+    "one optimizer group, as in earlier versions": (
+        {"script": "ppo_mlp.py", "args": {}, "optimizer": {"state": {}, "param_groups": [{"params": [0]}]}},
+        "earlier version of ppo_mlp.py: its optimizer state does not load",
     ),
 }
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DOMAINS, ROOT, TINY, load, run_script, tf32_off
+from conftest import DOMAINS, ROOT, TINY, load, outputs, rollout_batch, run_script, tf32_off
 
 MAMBA, MAMBA2 = ROOT / "ppo_mamba.py", ROOT / "ppo_mamba2.py"
 STEPS, ENVS = 13, 3
@@ -251,3 +251,33 @@ def test_a_memory_first_start_carries_an_input_further():
     memory_first = reach(["--dt-init", "0.1", "1", "--a-init", "0.05", "1", "--d-init", "0"], seed=0)
     assert reference[lag] / reference[0] < 0.005
     assert memory_first[lag] / memory_first[0] > 20 * reference[lag] / reference[0]
+
+
+def test_post_mlp_adds_the_papers_residual_mlp_and_resets_stay_exact():
+    module, cpu = load(MAMBA2), torch.device("cpu")
+    argv = (*DOMAINS["minigrid-symbolic"], "--post-mlp")
+    agent, obs, starts, actions = rollout_batch(module, "minigrid-symbolic", cpu, argv=argv)
+    plain = rollout_batch(module, "minigrid-symbolic", cpu)[0]
+    width, half = agent.trunk.output_size, agent.trunk.output_size // 2
+    added = width + (width * half + half) + (half * width + width)  # the norm's weight, the two linear layers
+    assert sum(p.numel() for p in agent.parameters()) - sum(p.numel() for p in plain.parameters()) == added
+    assert plain.trunk.post_mlp is None
+    # One call over the sequence equals one step at a time, and a start forgets what came before it
+    num_steps, num_envs = starts.shape
+    whole, _ = outputs(agent, obs, agent.initial_state(num_envs, cpu), starts, actions)
+    state, steps = agent.initial_state(num_envs, cpu), []
+    for t in range(num_steps):
+        step, state = outputs(agent, obs[t : t + 1], state, starts[t : t + 1], actions[t : t + 1])
+        steps.append(step)
+    torch.testing.assert_close(torch.cat(steps, 1), whole, atol=1e-5, rtol=0)
+    starts[5] = 1
+    fresh, _ = outputs(agent, obs[5:], agent.initial_state(num_envs, cpu), starts[5:], actions[5:])
+    other, _ = outputs(
+        agent, torch.cat([obs[:5].flip(0), obs[5:]]), agent.initial_state(num_envs, cpu), starts, actions
+    )
+    torch.testing.assert_close(other[:, 5:], fresh, atol=1e-5, rtol=0)
+    # The MLP acts: switching its last layer off changes the outputs
+    with torch.no_grad():
+        agent.trunk.post_mlp[-1].weight.zero_()
+        agent.trunk.post_mlp[-1].bias.zero_()
+    assert not torch.allclose(outputs(agent, obs, agent.initial_state(num_envs, cpu), starts, actions)[0], other)

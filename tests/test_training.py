@@ -127,6 +127,36 @@ def test_a_budget_below_one_batch_still_makes_one_update(template, tmp_path, mon
     assert summary["status"] == "complete" and summary["global_step"] == 32
 
 
+def test_the_trunk_trains_at_its_own_learning_rate_and_both_anneal(template, tmp_path, monkeypatch):
+    steps = []  # (parameters, learning rate) of each group at every optimizer step
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, *args, **kwargs):
+            steps.append([(group["params"], group["lr"]) for group in self.param_groups])
+            return super().step(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    rates = ["--learning-rate", "1e-3", "--trunk-learning-rate", "1e-4"]
+    agents, make_agent = [], template.Agent
+
+    def recording_agent(*args):
+        agents.append(make_agent(*args))
+        return agents[-1]
+
+    monkeypatch.setattr(template, "Agent", recording_agent)
+    train(template, [*DOMAINS["classic"], *TINY, *rates], tmp_path, monkeypatch)
+    (agent,) = agents
+    trunk = {id(p) for p in agent.trunk.parameters()}
+    everything_else = {id(p) for p in agent.parameters()} - trunk
+    assert trunk and everything_else
+    assert len(steps) == 2 * 2 * 2  # 2 updates of 2 epochs x 2 minibatches
+    for index, ((rest, rest_rate), (trunk_group, trunk_rate)) in enumerate(steps):
+        fraction = 1.0 - (index // 4) / 2  # annealed linearly, update by update
+        assert (rest_rate, trunk_rate) == (1e-3 * fraction, 1e-4 * fraction)
+        assert {id(p) for p in rest} == everything_else and {id(p) for p in trunk_group} == trunk
+    assert template.parse_args([*DOMAINS["classic"], "--learning-rate", "3e-3"]).trunk_learning_rate == 3e-3
+
+
 @pytest.mark.parametrize(
     ("domain", "flags", "threads"),
     [
