@@ -811,10 +811,9 @@ class Trunk(nn.Module):
         self.mixers = nn.ModuleList(Mamba2Mixer(input_size, args) for _ in range(args.num_layers))
         self.post_mlp = None
         if args.post_mlp:  # pre-norm like the blocks; PyTorch's default initialisation, as in the paper
-            half = input_size // 2
-            self.post_mlp = nn.Sequential(
-                nn.RMSNorm(input_size, eps=1e-5), nn.Linear(input_size, half), nn.ReLU(), nn.Linear(half, input_size)
-            )
+            size, half = input_size, input_size // 2
+            norm = nn.RMSNorm(size, eps=1e-5)
+            self.post_mlp = nn.Sequential(norm, nn.Linear(size, half), nn.ReLU(), nn.Linear(half, size))
         self.final_norm = nn.RMSNorm(input_size, eps=1e-5)
         self.output_size = input_size
         self.state_reset = not args.no_state_reset
