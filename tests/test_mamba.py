@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import DOMAINS, ROOT, TINY, load, outputs, rollout_batch, run_script, tf32_off
+from conftest import DOMAINS, ROOT, TEMPLATE, TINY, load, outputs, rollout_batch, run_script, tf32_off
 
 MAMBA, MAMBA2 = ROOT / "ppo_mamba.py", ROOT / "ppo_mamba2.py"
 STEPS, ENVS = 13, 3
@@ -251,6 +251,17 @@ def test_a_memory_first_start_carries_an_input_further():
     memory_first = reach(["--dt-init", "0.1", "1", "--a-init", "0.05", "1", "--d-init", "0"], seed=0)
     assert reference[lag] / reference[0] < 0.005
     assert memory_first[lag] / memory_first[0] > 20 * reference[lag] / reference[0]
+
+
+def test_taught_directly_the_mamba2_trunk_recalls_a_cue_20_steps_later_and_the_mlp_cannot():
+    """benchmarks/cue_recall.py: the supervised version of MemoryS11's memory. Mamba-2 with the memory-first
+    start names the cue 20 steps on after 200 updates (both seeds of the benchmark); the MLP stays at chance."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    cue_recall = load(ROOT / "benchmarks" / "cue_recall.py")
+    memory_first = cue_recall.TRUNKS["mamba2 dt 0.1-1, -A 0.05-1, D 0"][1]
+    assert cue_recall.recall(load(MAMBA2), memory_first, seed=1, checkpoints=(200,)) == [1.0]
+    (chance,) = cue_recall.recall(load(TEMPLATE), [], seed=1, checkpoints=(200,))
+    assert 0.35 < chance < 0.65
 
 
 def test_post_mlp_adds_the_papers_residual_mlp_and_resets_stay_exact():
