@@ -259,7 +259,8 @@ def test_taught_directly_the_mamba2_trunk_recalls_a_cue_20_steps_later_and_the_m
     sys.path.insert(0, str(ROOT / "benchmarks"))
     cue_recall = load(ROOT / "benchmarks" / "cue_recall.py")
     memory_first = cue_recall.TRUNKS["mamba2 dt 0.1-1, -A 0.05-1, D 0"][1]
-    assert cue_recall.recall(load(MAMBA2), memory_first, seed=1, checkpoints=(200,)) == [1.0]
+    (recalled,) = cue_recall.recall(load(MAMBA2), memory_first, seed=1, checkpoints=(200,))
+    assert recalled >= 0.95  # 1.00 here; the margin is for other CPUs' rounding
     (chance,) = cue_recall.recall(load(TEMPLATE), [], seed=1, checkpoints=(200,))
     assert 0.35 < chance < 0.65
 
