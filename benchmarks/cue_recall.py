@@ -6,8 +6,9 @@ the memory runs use) with a linear head on a supervised version of that: the fir
 of two cue vectors, the next 23 are distractors drawn from 8 others (fixed random vectors), and the loss is the
 cross-entropy of naming the cue at steps 20-23. Adam at the runs' learning rate (2.5e-4), batches of 32, the
 trunk's exact episode start at step 0. Printed: the accuracy at step 20 on 256 fresh sequences after 100, 200,
-400 and 800 updates, mean over 2 seeds. A trunk that fails here cannot remember on the task either; one that
-learns fast here and still guesses on the task is held back by what PPO gives it to learn from.
+400 and 800 updates, mean over 2 seeds. A trunk that does not learn this within 800 updates of a clean signal
+has little chance on the task, where the signal is sparse; one that learns it fast here and still guesses on the
+task is held back by what PPO gives it to learn from.
 
     python benchmarks/cue_recall.py [--trunks mamba2 gru ...]
 """
