@@ -636,12 +636,12 @@ class TransformerLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(size, args.ffn_size), nn.ReLU(), nn.Linear(args.ffn_size, size))
         self.norm_attention, self.norm_mlp = nn.LayerNorm(size), nn.LayerNorm(size)
 
-    def attend(self, queries: torch.Tensor, context: torch.Tensor, scores_bias: torch.Tensor) -> torch.Tensor:
-        """queries [B, T, size] attend to context [B, M + T, size] in blocks; scores_bias [B * blocks, heads,
-        block, M + block] (see Trunk.forward): one batched attention for every block of every environment."""
+    def attend(self, queries: torch.Tensor, key_values: torch.Tensor, scores_bias: torch.Tensor):
+        """queries [B, T, size] attend to key_values [B, M + T, 2 * inner] in blocks; scores_bias [B * blocks,
+        heads, block, M + block] (see Trunk.forward): one batched attention for every block of every env."""
         (batch, steps), (block, window) = queries.shape[:2], scores_bias.shape[-2:]
         q = self.query(queries).view(-1, block, self.num_heads, self.head_size).transpose(1, 2)
-        windows = self.key_value(context).unfold(1, window, block)  # [B, blocks, 2 * inner, M + block]
+        windows = key_values.unfold(1, window, block)  # [B, blocks, 2 * inner, M + block]
         k, v = windows.reshape(q.shape[0], 2, self.num_heads, self.head_size, window).permute(1, 0, 2, 4, 3)
         # Written out rather than scaled_dot_product_attention: on the CPU that checks every row for being
         # fully masked, which costs more than the attention at these sizes; here no row is (a step sees
@@ -649,10 +649,17 @@ class TransformerLayer(nn.Module):
         weights = (q @ k.transpose(-1, -2) * self.head_size**-0.5 + scores_bias).softmax(-1)
         return self.out((weights @ v).transpose(1, 2).reshape(batch, steps, -1))
 
-    def forward(self, context: torch.Tensor, scores_bias: torch.Tensor) -> torch.Tensor:
-        """context [B, M + T, size]: the layer inputs of the M memory steps, then of the T current steps."""
+    def key_values(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Layer inputs [B, L, size] -> their keys and values [B, L, 2 * inner]."""
+        return self.key_value(inputs)
+
+    def forward(self, context: torch.Tensor, scores_bias: torch.Tensor, key_values=None) -> torch.Tensor:
+        """context [B, M + T, size]: the layer inputs of the M memory steps, then of the T current steps;
+        key_values: theirs, where already projected (a rollout step)."""
         x = context[:, self.memory_length :]
-        x = self.norm_attention(x + self.attend(x, context, scores_bias))
+        if key_values is None:
+            key_values = self.key_values(context)
+        x = self.norm_attention(x + self.attend(x, key_values, scores_bias))
         return self.norm_mlp(x + self.mlp(x))
 
 
@@ -686,6 +693,9 @@ class Trunk(nn.Module):
         heads = torch.arange(1, args.num_heads + 1)
         self.register_buffer("slopes", 2.0 ** (-8.0 * heads / args.num_heads), persistent=False)
         self.windows = {}  # (block, device) -> the ALiBi scores and the out-of-window mask of a block
+        self.rollout_cache = None  # the last rollout step's memory, weight versions and keys and values
+        # Listed once, as the optimizer holds them: walking the modules costs 0.1 ms, at every rollout step
+        self.layer_parameters = list(self.layers.parameters())
 
     def window(self, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Query i of a block attends to key j of its window at distance M + i - j (query time minus key
@@ -728,16 +738,43 @@ class Trunk(nn.Module):
         scores_bias = torch.where(blocked[:, :, None], -math.inf, alibi)
         scores_bias = scores_bias.flatten(0, 1)  # [B * blocks, heads, block, M + block]
 
-        h, new_memory = nn.functional.pad(x.transpose(0, 1), (0, 0, 0, padding)), []  # [B, T + padding, size]
-        for index, layer in enumerate(self.layers):
+        # A rollout step (one step, no gradient) takes the memory's keys and values from the step before and
+        # projects only its own input: the rest of the window is the same M - 1 inputs under the same weights
+        rollout_step = steps == 1 and not torch.is_grad_enabled()
+        versions = self.weight_versions() if rollout_step else None
+        cached = self.cached_key_values(memory, versions) if rollout_step else None
+        h, new_memory, new_key_values = nn.functional.pad(x.transpose(0, 1), (0, 0, 0, padding)), [], []
+        for index, layer in enumerate(self.layers):  # h: [B, T + padding, size]
             context = torch.cat([memory[:, index], h], 1)  # the layer's inputs, memory first
             new_memory.append(context[:, steps : steps + memory_length].detach())  # the last M real steps
-            h = layer(context, scores_bias)
+            key_values = None  # training: the layer projects the whole context itself
+            if rollout_step:
+                if cached is None:
+                    key_values = layer.key_values(context)
+                else:
+                    key_values = torch.cat([cached[index], layer.key_values(h)], 1)
+                new_key_values.append(key_values[:, 1:])
+            h = layer(context, scores_bias, key_values)
         # Steps of the current episode after this call: since the last start, or added to those before
         last_start = torch.where(starts.T.bool(), torch.arange(steps, device=x.device), -1).amax(1)
         in_episode = torch.where(last_start >= 0, steps - last_start, in_episode + steps)
         in_episode = in_episode.clamp(max=memory_length)
-        return h[:, :steps].transpose(0, 1), (torch.stack(new_memory, 1), in_episode)
+        new_memory = torch.stack(new_memory, 1)
+        if rollout_step:
+            self.rollout_cache = (new_memory, versions, new_key_values)
+        return h[:, :steps].transpose(0, 1), (new_memory, in_episode)
+
+    def weight_versions(self) -> list[int]:
+        """In-place change counters of the layers' weights (autograd's own): an optimizer step raises them."""
+        return [parameter._version for parameter in self.layer_parameters]
+
+    def cached_key_values(self, memory: torch.Tensor, versions: list[int]) -> list[torch.Tensor] | None:
+        """The keys and values of `memory` per layer, if the last rollout step returned this very memory and
+        no weight has changed since (`versions` are the weights' now); else None."""
+        if self.rollout_cache is None:
+            return None
+        cached_memory, cached_versions, key_values = self.rollout_cache
+        return key_values if cached_memory is memory and cached_versions == versions else None
 
 
 # >>> shared: agent

@@ -2,6 +2,8 @@
 episode, the same in one-step rollout calls and in one whole-sequence training call, and a state whose size is
 fixed by M alone. GTrXL's gates start each layer close to the identity map."""
 
+import copy
+
 import pytest
 import torch
 from conftest import DOMAINS, ENVS, ROOT, STEPS, load, outputs, rollout_batch
@@ -52,6 +54,40 @@ def test_a_step_sees_exactly_layers_times_m_steps_back(script, memory_length, de
         other, _ = outputs(agent, changed, agent.initial_state(ENVS, device), starts, actions)
         difference = (other[:, t] - base[:, t]).abs().max().item()
         assert (difference > 1e-4) == changes, f"{back} steps back: output moved by {difference}"
+
+
+def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(script, device):
+    """One-step calls without gradient reuse the window's keys and values from the step before (the values
+    themselves are checked against one whole call above); after an optimizer step, or from a state the last
+    call did not return, the whole window is projected again."""
+    agent, obs, starts, actions = windowed_batch(attention_module(script), device, MEMORY_LENGTHS[1])
+    whole_window, layers = MEMORY_LENGTHS[1] + 1, len(agent.trunk.layers)
+    projected = []  # the number of steps each layer's key/value projection was given
+    for layer in agent.trunk.layers:
+        layer.key_value.register_forward_hook(lambda _, inputs, output: projected.append(inputs[0].shape[1]))
+
+    def step(state, t):
+        projected.clear()
+        return outputs(agent, obs[t : t + 1], state, starts[t : t + 1], actions[t : t + 1])
+
+    states = [agent.initial_state(ENVS, device)]
+    for t in range(4):
+        states.append(step(states[-1], t)[1])
+        assert projected == [whole_window if t == 0 else 1] * layers, t
+    # An Adam step after a training call changes the weights in place: the cache must not serve the old keys
+    before = copy.deepcopy(agent)
+    agent.get_value(obs, agent.initial_state(ENVS, device), starts)[0].square().mean().backward()
+    torch.optim.Adam(agent.parameters(), lr=1e-2).step()
+    after, later = step(states[4], 4)
+    assert projected == [whole_window] * layers
+    step(later, 5)  # rebuilt under the new weights
+    assert projected == [1] * layers
+    step(states[2], 2)  # an older state: not the memory the cache holds
+    assert projected == [whole_window] * layers
+    agent.trunk.rollout_cache = None
+    torch.testing.assert_close(after, step(states[4], 4)[0], atol=1e-6, rtol=0)
+    old = outputs(before, obs[4:5], states[4], starts[4:5], actions[4:5])[0]
+    assert (after - old).abs().max() > 1e-4  # the Adam step changed what this state gives
 
 
 def test_state_size_is_fixed_by_the_memory_length_alone(script, device):
