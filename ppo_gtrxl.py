@@ -125,8 +125,8 @@ class Args:
     learning_rate: float | None = None
     """the learning rate of the optimizer (> 0)"""
     trunk_learning_rate: float | None = None
-    """the learning rate of the trunk's parameters (> 0; default: --learning-rate), annealed with it (the
-    paper trains its Mamba trunks at 1e-4 and the rest at 2.5e-4)"""
+    """the learning rate of the trunk's parameters (> 0; default: the table's, else --learning-rate), annealed
+    with it (the paper trains its Mamba trunks at 1e-4 and the rest at 2.5e-4)"""
     num_envs: int | None = None
     """the number of parallel game environments"""
     num_steps: int | None = None
@@ -784,7 +784,7 @@ class Trunk(nn.Module):
         scores_bias = scores_bias.flatten(0, 1)  # [B * blocks, heads, block, M + block]
 
         # A rollout step (one step, no gradient) takes the memory's keys and values from the step before and
-        # projects only its own input: the rest of the window is the same M - 1 inputs under the same weights
+        # projects only its own input: earlier steps projected the M memory inputs, under these weights
         rollout_step = steps == 1 and not torch.is_grad_enabled()
         versions = self.weight_versions() if rollout_step else None
         cached = self.cached_key_values(memory, versions) if rollout_step else None

@@ -118,8 +118,8 @@ class Args:
     learning_rate: float | None = None
     """the learning rate of the optimizer (> 0)"""
     trunk_learning_rate: float | None = None
-    """the learning rate of the trunk's parameters (> 0; default: --learning-rate), annealed with it (the
-    paper trains its Mamba trunks at 1e-4 and the rest at 2.5e-4)"""
+    """the learning rate of the trunk's parameters (> 0; default: the table's, else --learning-rate), annealed
+    with it (the paper trains its Mamba trunks at 1e-4 and the rest at 2.5e-4)"""
     num_envs: int | None = None
     """the number of parallel game environments"""
     num_steps: int | None = None

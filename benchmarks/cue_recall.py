@@ -27,11 +27,15 @@ TRUNKS = {  # name -> (script, extra flags)
     "trxl": ("ppo_trxl", []),
     "gtrxl": ("ppo_gtrxl", []),
     "mamba": ("ppo_mamba", []),
-    "mamba2": ("ppo_mamba2", []),
-    "mamba2 D 0": ("ppo_mamba2", ["--d-init", "0"]),
+    # Mamba-2's own start and two memory-first ones (its MemoryS11 row has the last), without the post-MLP
+    "mamba2": ("ppo_mamba2", ["--dt-init", "1e-3", "1e-1", "--a-init", "1", "16", "--d-init", "1", "--no-post-mlp"]),
+    "mamba2 D 0": (
+        "ppo_mamba2",
+        ["--dt-init", "1e-3", "1e-1", "--a-init", "1", "16", "--d-init", "0", "--no-post-mlp"],
+    ),
     "mamba2 dt 0.1-1, -A 0.05-1, D 0": (
         "ppo_mamba2",
-        ["--dt-init", "0.1", "1", "--a-init", "0.05", "1", "--d-init", "0"],
+        ["--dt-init", "0.1", "1", "--a-init", "0.05", "1", "--d-init", "0", "--no-post-mlp"],
     ),
 }
 

@@ -3,6 +3,7 @@ step-by-step float64 recurrence with starts anywhere and a warm initial state, g
 backend choice, and the mamba-ssm kernel against the torch path where CUDA and mamba-ssm exist."""
 
 import dataclasses
+import json
 import sys
 
 import pytest
@@ -172,13 +173,15 @@ def test_bad_initialisation_ranges_are_bad_input(argv, monkeypatch, capsys, tmp_
 
 def test_initialisation_flags_set_dt_a_and_d():
     """dt = softplus(dt_bias) log-uniform within --dt-init, -A = exp(A_log) within --a-init, D = --d-init;
-    the defaults are the reference implementation's [1e-3, 1e-1], [1, 16] and 1."""
+    the defaults are the reference implementation's [1e-3, 1e-1], [1, 16] and 1, except on MemoryS11."""
     module = load(MAMBA2)
+    reference = ["--dt-init", "1e-3", "1e-1", "--a-init", "1", "16", "--d-init", "1"]
     for argv, dt_range, a_range, d in [
-        ([], (1e-3, 1e-1), (1, 16), 1.0),
-        (["--dt-init", "0.1", "1", "--a-init", "0.05", "1", "--d-init", "0"], (0.1, 1), (0.05, 1), 0.0),
+        ([*DOMAINS["classic"]], (1e-3, 1e-1), (1, 16), 1.0),
+        ([*DOMAINS["minigrid-symbolic"]], (0.1, 1), (0.05, 1), 0.0),
+        ([*DOMAINS["minigrid-symbolic"], *reference], (1e-3, 1e-1), (1, 16), 1.0),
     ]:
-        args = module.parse_args([*DOMAINS["minigrid-symbolic"], "--num-heads", "64", *argv])
+        args = module.parse_args([*argv, "--num-heads", "64"])
         for mixer in module.Trunk(args.hidden_size, args).mixers:
             dt = torch.nn.functional.softplus(mixer.dt_bias.detach())
             decay_rate = mixer.A_log.detach().exp()
@@ -245,10 +248,10 @@ def test_a_memory_first_start_carries_an_input_further():
     output at about 1e-3 of a current one; dt in [0.1, 1], -A in [0.05, 1] and D = 0 carry it about 100x
     further."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    reach = load(ROOT / "benchmarks" / "mamba2_memory_at_init.py").reach
+    benchmark = load(ROOT / "benchmarks" / "mamba2_memory_at_init.py")
     lag = 3  # LAGS index of t = 10
-    reference = reach([], seed=0)
-    memory_first = reach(["--dt-init", "0.1", "1", "--a-init", "0.05", "1", "--d-init", "0"], seed=0)
+    reference = benchmark.reach(benchmark.STARTS["reference (dt 0.001-0.1, -A 1-16, D 1)"], seed=0)
+    memory_first = benchmark.reach(benchmark.STARTS["dt 0.1-1, -A 0.05-1, D 0"], seed=0)
     assert reference[lag] / reference[0] < 0.005
     assert memory_first[lag] / memory_first[0] > 20 * reference[lag] / reference[0]
 
@@ -265,11 +268,24 @@ def test_taught_directly_the_mamba2_trunk_recalls_a_cue_20_steps_later_and_the_m
     assert 0.35 < chance < 0.65
 
 
+def test_the_memory_s11_row_is_the_run_that_solved_it():
+    """The committed seed-1 Mamba-2 run was made with flags; they are now the MemoryS11 row, so that run is what
+    `python ppo_mamba2.py --env-id MiniGrid-MemoryS11-v0 --minigrid-obs symbolic` does."""
+    (summary,) = (ROOT / "results" / "memory").glob("*__mem_mamba2_init_tlr__1__*/summary.json")
+    ran = json.loads(summary.read_text())["args"]
+    defaults = dataclasses.asdict(load(MAMBA2).parse_args([*DOMAINS["minigrid-symbolic"], "--seed", "1"]))
+    defaults = json.loads(json.dumps(defaults))  # tuples as the JSON lists of summary.json
+    different = {name for name in ran if ran[name] != defaults[name]}
+    assert different == {"exp_name", "resume"}, different
+    for argv in (DOMAINS["classic"], ["--env-id", "MiniGrid-DoorKey-8x8-v0"]):
+        args = load(MAMBA2).parse_args(argv)
+        assert (args.post_mlp, args.d_init, args.trunk_learning_rate) == (False, 1.0, args.learning_rate), argv
+
+
 def test_post_mlp_adds_the_papers_residual_mlp_and_resets_stay_exact():
     module, cpu = load(MAMBA2), torch.device("cpu")
-    argv = (*DOMAINS["minigrid-symbolic"], "--post-mlp")
-    agent, obs, starts, actions = rollout_batch(module, "minigrid-symbolic", cpu, argv=argv)
-    plain = rollout_batch(module, "minigrid-symbolic", cpu)[0]
+    agent, obs, starts, actions = rollout_batch(module, "minigrid-symbolic", cpu)  # the MemoryS11 row has it
+    plain = rollout_batch(module, "minigrid-symbolic", cpu, argv=(*DOMAINS["minigrid-symbolic"], "--no-post-mlp"))[0]
     width, half = agent.trunk.output_size, agent.trunk.output_size // 2
     added = width + (width * half + half) + (half * width + width)  # the norm's weight, the two linear layers
     assert sum(p.numel() for p in agent.parameters()) - sum(p.numel() for p in plain.parameters()) == added
