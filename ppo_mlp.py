@@ -753,7 +753,9 @@ def main(args: Args) -> None:
     groups = [[p for p in agent.parameters() if all(p is not q for q in trunk_params)], trunk_params]
     base_rates = (args.learning_rate, args.trunk_learning_rate)
     optimizer = torch.optim.Adam(
-        [{"params": params, "lr": rate} for params, rate in zip(groups, base_rates, strict=True)], eps=1e-5
+        [{"params": params, "lr": rate} for params, rate in zip(groups, base_rates, strict=True)],
+        eps=1e-5,
+        foreach=True,  # one call per update rule for all tensors, not a Python loop over them: the same bits
     )
     num_params = sum(p.numel() for p in agent.parameters())
     device_text = device_name(device)
@@ -887,7 +889,7 @@ def main(args: Args) -> None:
                 obs[step] = next_obs
                 starts[step] = next_starts
                 forward_tic = time.perf_counter()
-                with torch.no_grad():
+                with torch.inference_mode():  # no_grad, and no version counters on the outputs either
                     action, logprob, _, value, state = agent.get_action_and_value(
                         next_obs[None], state, next_starts[None]
                     )
@@ -903,7 +905,7 @@ def main(args: Args) -> None:
                     final_obs_np[time_limited] = np.stack(info["final_obs"][time_limited])
                     final_obs = torch.as_tensor(final_obs_np, device=device)[None]
                     no_starts = torch.zeros_like(next_starts)[None]
-                    with torch.no_grad():  # under the pre-reset state, as if the episode continued
+                    with torch.inference_mode():  # under the pre-reset state, as if the episode continued
                         final_value, _ = agent.get_value(final_obs, state, no_starts)
                     reward = reward + args.gamma * final_value[0].cpu().numpy() * time_limited
                 rewards[step] = torch.as_tensor(reward, dtype=torch.float32, device=device)
@@ -984,7 +986,7 @@ def main(args: Args) -> None:
                         raise FloatingPointError(f"non-finite loss at update {iteration}, step {global_step}")
                     optimizer.zero_grad()
                     loss.backward()
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm)
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, foreach=True)
                     optimizer.step()
 
                 if args.target_kl is not None and approx_kl > args.target_kl:
