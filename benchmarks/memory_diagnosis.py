@@ -11,6 +11,10 @@
 - The decision: facing one of the two objects at the hallway's end, the agent should step forward if it
   matches the cue and turn away if not. The policy's probability of stepping forward and the critic's value
   there, for a matching and a different object, in episodes that saw the cue and in those that did not.
+- Whether the policy would look at all, and whether looking would pay: the probability of turning left or
+  right at the first step, per start; and, from x = 2, episodes made to turn left and then right first (the
+  cue is then in the view's left column), against episodes left alone. A policy that never turns and gains
+  nothing when made to has a memory that does not yet read the cue from that view.
 - Entropy, approximate KL and success over training, read from the run's TensorBoard events.
 
 Actions are sampled from the policy, as in training.
@@ -29,13 +33,19 @@ from common import load_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.distributions import Categorical
 
-WEST, SOUTH, NORTH, FORWARD = 2, 1, 3, 2  # MiniGrid's direction indices (0 is east) and its forward action
+WEST, SOUTH, NORTH = 2, 1, 3  # MiniGrid's direction indices (0 is east)
+LEFT, RIGHT, FORWARD = 0, 1, 2  # its first three actions
+LOOK_FROM = 2  # the start from which a left turn brings the cue into view
 STEPS_SINCE_CUE = [(1, 2), (3, 5), (6, 10), (11, 96)]
 
 
-def replay(module, args, checkpoint: dict, episodes: int, num_envs: int = 16) -> tuple[list, list, list]:
-    """Episodes (start, cue, success, length, turned back, saw cue), probe samples (features, cue, age) and
-    decisions (cue seen, object ahead matches, P(forward), value)."""
+def replay(
+    module, args, checkpoint: dict, episodes: int, num_envs: int = 16, force_look: bool = False
+) -> tuple[list, list, list]:
+    """Episodes (start, cue, success, length, turned back, saw cue and when first, P(left) and P(right) at the
+    first step),
+    probe samples (features, cue, age) and decisions (cue seen, object ahead matches, P(forward), value).
+    With `force_look`, every other episode from x = LOOK_FROM turns left and then right first (`forced`)."""
     args = dataclasses.replace(args, num_envs=num_envs, capture_video=False, async_envs=False)  # it reads envs.envs
     envs = module.make_envs(args, "")
     agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
@@ -50,8 +60,10 @@ def replay(module, args, checkpoint: dict, episodes: int, num_envs: int = 16) ->
     def episode_start(env) -> dict:
         grid_env = env.unwrapped
         cue = grid_env.grid.get(1, grid_env.height // 2 - 1).type
-        return {"start_x": int(grid_env.agent_pos[0]), "cue": cue, "turned_back": False, "saw_cue": False,
-                "last_seen": None, "length": 0, "id": next(episode_ids)}  # fmt: skip
+        start_x, episode_id = int(grid_env.agent_pos[0]), next(episode_ids)
+        forced = force_look and start_x == LOOK_FROM and episode_id % 2 == 1
+        return {"start_x": start_x, "cue": cue, "turned_back": False, "saw_cue": False, "first_seen": None,
+                "last_seen": None, "length": 0, "id": episode_id, "forced": forced}  # fmt: skip
 
     current = [episode_start(env) for env in envs.envs]
     finished, samples, decisions = [], [], []
@@ -64,9 +76,14 @@ def replay(module, args, checkpoint: dict, episodes: int, num_envs: int = 16) ->
             action, values = policy.sample(), agent.critic(hidden[0])[:, 0]
         for i, env in enumerate(envs.envs):
             grid_env, record = env.unwrapped, current[i]
+            if record["length"] == 0:
+                record["p_left"], record["p_right"] = float(policy.probs[i, LEFT]), float(policy.probs[i, RIGHT])
+            if record["forced"] and record["length"] < 2:
+                action[i] = (LEFT, RIGHT)[record["length"]]
             in_view = grid_env.in_view(1, grid_env.height // 2 - 1)
             if in_view:
                 record["saw_cue"], record["last_seen"] = True, record["length"]
+                record["first_seen"] = record["first_seen"] if record["first_seen"] is not None else record["length"]
             elif record["last_seen"] is not None:
                 samples.append({"trunk": hidden[0, i].numpy(), "encoder": encoded[i].numpy(),
                                 "cue": record["cue"] == "key", "age": record["length"] - record["last_seen"],
@@ -148,13 +165,16 @@ def main():
     step = checkpoint["iteration"] * args.batch_size
     print(f"## {options.run_dir.name}: {summary['arch']} at step {step:,}, {len(episodes)} episodes\n")
 
-    print("| start x | cue in first view | episodes | success | mean length | turned back | saw the cue |")
-    print("|---|---|---|---|---|---|---|")
+    print("| start x | cue in first view | episodes | success | mean length | turned back | saw the cue "
+          "| P(left) / P(right) at the first step |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
     for x in sorted({e["start_x"] for e in episodes}):
         group = [e for e in episodes if e["start_x"] == x]
-        share = {key: np.mean([e[key] for e in group]) for key in ("success", "length", "turned_back", "saw_cue")}
+        keys = ("success", "length", "turned_back", "saw_cue", "p_left", "p_right")
+        share = {key: np.mean([e[key] for e in group]) for key in keys}
         print(f"| {x} | {'yes' if x == 1 else 'no'} | {len(group)} | {share['success']:.2f} | {share['length']:.1f} "
-              f"| {share['turned_back']:.2f} | {share['saw_cue']:.2f} |")  # fmt: skip
+              f"| {share['turned_back']:.2f} | {share['saw_cue']:.2f} "
+              f"| {share['p_left']:.3f} / {share['p_right']:.3f} |")  # fmt: skip
     saw = [e["success"] for e in episodes if e["saw_cue"]]
     missed = [e["success"] for e in episodes if not e["saw_cue"]]
     print(
@@ -177,6 +197,16 @@ def main():
             forward, value = mean([d["forward"] for d in group]), mean([d["value"] for d in group])
             print(f"| {'yes' if saw_cue else 'no'} | {'matches' if match else 'differs'} | {len(group)} "
                   f"| {forward:.2f} | {value:.3f} |")  # fmt: skip
+
+    torch.manual_seed(args.seed)
+    looks = [
+        e for e in replay(module, args, checkpoint, options.episodes, force_look=True)[0] if e["start_x"] == LOOK_FROM
+    ]
+    print(f"\n| from x = {LOOK_FROM} | episodes | success | saw the cue |\n|---|---|---|---|")
+    for forced, name in ((False, "left alone"), (True, "made to turn left, then right")):
+        group = [e for e in looks if e["forced"] == forced]
+        print(f"| {name} | {len(group)} | {mean([e['success'] for e in group]):.2f} "
+              f"| {mean([e['saw_cue'] for e in group]):.2f} |")  # fmt: skip
 
     print("\n| step | entropy | approx KL | clip fraction | success (last 100) |\n|---|---|---|---|---|")
     for step, *values in training_curve(options.run_dir):
