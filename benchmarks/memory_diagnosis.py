@@ -43,9 +43,8 @@ def replay(
     module, args, checkpoint: dict, episodes: int, num_envs: int = 16, force_look: bool = False
 ) -> tuple[list, list, list]:
     """Episodes (start, cue, success, length, turned back, saw cue and when first, P(left) and P(right) at the
-    first step),
-    probe samples (features, cue, age) and decisions (cue seen, object ahead matches, P(forward), value).
-    With `force_look`, every other episode from x = LOOK_FROM turns left and then right first (`forced`)."""
+    first step), probe samples (features, cue, age) and decisions (cue seen, object ahead matches, P(forward),
+    value). With `force_look`, every other episode from x = LOOK_FROM turns left and then right first (`forced`)."""
     args = dataclasses.replace(args, num_envs=num_envs, capture_video=False, async_envs=False)  # it reads envs.envs
     envs = module.make_envs(args, "")
     agent = module.Agent(envs.single_observation_space, envs.single_action_space, args)
@@ -83,7 +82,8 @@ def replay(
             in_view = grid_env.in_view(1, grid_env.height // 2 - 1)
             if in_view:
                 record["saw_cue"], record["last_seen"] = True, record["length"]
-                record["first_seen"] = record["first_seen"] if record["first_seen"] is not None else record["length"]
+                if record["first_seen"] is None:
+                    record["first_seen"] = record["length"]
             elif record["last_seen"] is not None:
                 samples.append({"trunk": hidden[0, i].numpy(), "encoder": encoded[i].numpy(),
                                 "cue": record["cue"] == "key", "age": record["length"] - record["last_seen"],

@@ -51,6 +51,8 @@ def test_replay_of_a_checkpoint_prints_every_table(tmp_path, monkeypatch):
     assert {int(row[0]) for row in rows} <= set(range(1, 9))
     assert sum(int(row[2]) for row in rows) == 24  # every episode counted once, by its start
     assert all(row[1] == ("yes" if row[0] == "1" else "no") for row in rows)
+    first_turns = [[float(p) for p in row[7].split(" / ")] for row in rows]  # P(left) / P(right), each start
+    assert all(0 <= left + right <= 1 for left, right in first_turns)
     for heading in ("| start x |", "| probe on |", "| cue seen | object ahead |", "| from x = 2 |", "| step |"):
         assert heading in out
 
@@ -60,6 +62,5 @@ def test_replay_of_a_checkpoint_prints_every_table(tmp_path, monkeypatch):
     episodes = memory_diagnosis.replay(module, args, checkpoint, 160, force_look=True)[0]
     forced = [e for e in episodes if e["forced"]]
     assert forced and all(e["first_seen"] == 1 and e["start_x"] == memory_diagnosis.LOOK_FROM for e in forced)
-    assert all(0 <= e["p_left"] <= 1 and 0 <= e["p_right"] <= 1 for e in episodes)
     unforced = memory_diagnosis.replay(module, args, checkpoint, 40)[0]
     assert not any(e["forced"] for e in unforced)
