@@ -150,6 +150,9 @@ class Args:
     # Network
     hidden_size: int | None = None
     """width of the encoder output and of the trunk"""
+    view_pool: tyro.conf.DisallowNone[bool | None] = None
+    """images and MiniGrid views: the encoder also reads its features pooled over the view's positions (what
+    is in view, wherever it lies) beside the per-position ones; default: the table's, else off"""
 
     # Filled in by parse_args
     domain: tyro.conf.Suppress[str] = ""
@@ -341,6 +344,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.masked_indices = MASKED_ENVS[args.env_id][1] if args.env_id in MASKED_ENVS else ()
     if args.trunk_learning_rate is None:
         args.trunk_learning_rate = args.learning_rate
+    if args.view_pool is None:
+        args.view_pool = False
 
     for name in SIZE_FIELDS + TRUNK_SIZE_FIELDS:
         if getattr(args, name) <= 0:
@@ -379,6 +384,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
         fail(f"--num-envs {args.num_envs} is not divisible by --num-minibatches {args.num_minibatches}")
     if args.minigrid_obs not in ("rgb", "symbolic"):
         fail(f"--minigrid-obs must be rgb or symbolic, got {args.minigrid_obs!r}")
+    if args.view_pool and args.domain not in ("atari", "minigrid"):
+        fail(f"--view-pool pools over an image or grid, which {args.domain} observations are not")
     if args.masked_indices and args.domain not in ("mujoco", "classic"):
         fail(f"--masked-indices zeroes entries of vector observations, which {args.domain} envs do not give")
     if args.track and wandb is None:
@@ -557,8 +564,10 @@ class VectorEncoder(nn.Module):
 class ConvEncoder(nn.Module):
     """Nature DQN CNN (Mnih et al. 2015) on 84x84 uint8 images; MiniGrid uses a narrower copy."""
 
-    def __init__(self, in_channels: int, hidden_size: int, widths: tuple[int, int, int] = (32, 64, 64)):
+    def __init__(self, in_channels: int, hidden_size: int, widths=(32, 64, 64), pool: bool = False):
         super().__init__()
+        self.pool = pool
+        pooled_size = widths[2] if pool else 0
         self.net = nn.Sequential(
             layer_init(nn.Conv2d(in_channels, widths[0], 8, stride=4)),
             nn.ReLU(),
@@ -567,36 +576,46 @@ class ConvEncoder(nn.Module):
             layer_init(nn.Conv2d(widths[1], widths[2], 3, stride=1)),
             nn.ReLU(),
             nn.Flatten(),
-            layer_init(nn.Linear(widths[2] * 7 * 7, hidden_size)),
+            layer_init(nn.Linear(widths[2] * 7 * 7 + pooled_size, hidden_size)),
             nn.ReLU(),
         )
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(obs.float() / 255.0)
+        if not self.pool:
+            return self.net(obs.float() / 255.0)
+        maps = self.net[:6](obs.float() / 255.0)  # the convolutions' output [B, C, 7, 7]
+        # global average pooling: the same features wherever in the view a pattern lies
+        return self.net[7:](torch.cat([maps.flatten(1), maps.mean((-2, -1))], 1))
 
 
 class SymbolicEncoder(nn.Module):
     """MiniGrid's (object, colour, state) index triples: one shared embedding table, offset per channel."""
 
-    def __init__(self, obs_shape: tuple[int, ...], hidden_size: int, embed_size: int = 8):
+    def __init__(self, obs_shape: tuple[int, ...], hidden_size: int, embed_size: int = 8, pool: bool = False):
         super().__init__()
         sizes = (len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX))
         self.register_buffer("offsets", torch.tensor([0, sizes[0], sizes[0] + sizes[1]]))
         self.embed = nn.Embedding(sum(sizes), embed_size)
+        self.pool = pool
         flat_size = math.prod(obs_shape) * embed_size
-        self.net = nn.Sequential(layer_init(nn.Linear(flat_size, hidden_size)), nn.Tanh())
+        pooled_size = math.prod(obs_shape[:-3]) * obs_shape[-1] * embed_size if pool else 0  # frames x 3
+        self.net = nn.Sequential(layer_init(nn.Linear(flat_size + pooled_size, hidden_size)), nn.Tanh())
 
     def forward(self, obs: torch.Tensor) -> torch.Tensor:
-        return self.net(self.embed(obs.long() + self.offsets).flatten(1))
+        cells = self.embed(obs.long() + self.offsets)  # [B, (frames,) height, width, 3, embed]
+        features = cells.flatten(1)
+        if self.pool:  # the bag of cells: an object seen from any side gives the same features
+            features = torch.cat([features, cells.sum((-4, -3)).flatten(1)], 1)
+        return self.net(features)
 
 
 def make_encoder(obs_space: gym.spaces.Box, args: Args) -> nn.Module:
     if args.domain == "atari":
-        return ConvEncoder(obs_space.shape[0], args.hidden_size)
+        return ConvEncoder(obs_space.shape[0], args.hidden_size, pool=args.view_pool)
     if args.domain == "minigrid" and args.minigrid_obs == "rgb":
-        return ConvEncoder(obs_space.shape[0], args.hidden_size, widths=(16, 32, 32))
+        return ConvEncoder(obs_space.shape[0], args.hidden_size, widths=(16, 32, 32), pool=args.view_pool)
     if args.domain == "minigrid":
-        return SymbolicEncoder(obs_space.shape, args.hidden_size)
+        return SymbolicEncoder(obs_space.shape, args.hidden_size, pool=args.view_pool)
     return VectorEncoder(math.prod(obs_space.shape), args.hidden_size)
     # <<< shared: encoders
 

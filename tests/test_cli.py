@@ -23,6 +23,7 @@ BAD_INPUT = {
     "zero minigrid time limit": (["--minigrid-max-steps", "0"], "--minigrid-max-steps must be positive"),
     "masked index out of range": (["--env-id", "CartPole-v1", "--masked-indices", "7"], "out of range"),
     "masked indices on images": (["--env-id", "ALE/Breakout-v5", "--masked-indices", "1"], "vector observations"),
+    "view pool on vectors": (["--view-pool"], "--view-pool pools over an image or grid"),
     "resume of a missing run": (["--resume", "runs/missing"], "no checkpoint"),
     "unknown minigrid obs": ([*DOMAINS["minigrid-rgb"], "--minigrid-obs", "pixels"], "rgb or symbolic"),
     "frame stack below one": (["--frame-stack", "0"], "--frame-stack must be at least 1"),

@@ -85,3 +85,41 @@ def test_atari_scale_matches_the_paper():
     module = load(TEMPLATE)
     *_, agent = build(module, "atari")
     assert 2.0e6 <= sum(p.numel() for p in agent.parameters()) <= 3.2e6
+
+
+def test_view_pool_reads_the_symbolic_view_as_a_bag_of_cells():
+    """--view-pool: with the per-cell weights zeroed, the encoder sees what is in view and not where it lies."""
+    module = load(TEMPLATE)
+    torch.manual_seed(0)
+    _, envs, plain = build(module, "minigrid-symbolic")
+    _, _, pooled = build(module, "minigrid-symbolic", ["--view-pool"])
+    obs = torch.as_tensor(envs.reset(seed=0)[0])  # [envs, 3, 3, 3]
+    envs.close()
+    cells = torch.tensor([1, 5, 0, 8, 3, 7, 2, 4, 6])  # every cell elsewhere in the view, the same objects
+    moved = obs.flatten(1, 2)[:, cells].reshape(obs.shape)
+    assert not torch.equal(moved, obs)
+    linear = pooled.encoder.net[0]
+    per_cell = plain.encoder.net[0].in_features
+    assert linear.in_features == per_cell + 3 * 8  # one summed embedding per channel
+    with torch.no_grad():
+        linear.weight[:, :per_cell] = 0
+        torch.testing.assert_close(pooled.encoder(moved), pooled.encoder(obs))
+        linear.weight[:, :per_cell].normal_()
+        assert not torch.allclose(pooled.encoder(moved), pooled.encoder(obs))
+
+
+@pytest.mark.parametrize("domain", ["atari", "minigrid-rgb"])
+def test_view_pool_on_images_adds_the_average_of_each_feature_map(domain):
+    module = load(TEMPLATE)
+    torch.manual_seed(0)
+    _, envs, plain = build(module, domain)
+    _, _, pooled = build(module, domain, ["--view-pool"])
+    obs = torch.as_tensor(envs.reset(seed=0)[0])
+    envs.close()
+    maps = pooled.encoder.net[:6](obs.float() / 255.0)  # the convolutions' output
+    head = pooled.encoder.net[7]
+    assert head.in_features == plain.encoder.net[7].in_features + maps.shape[1]
+    with torch.no_grad():
+        head.weight[:, : maps[0].numel()] = 0  # what remains reads the pooled features only
+        expected = torch.relu(maps.mean((-2, -1)) @ head.weight[:, maps[0].numel() :].T + head.bias)
+        torch.testing.assert_close(pooled.encoder(obs), expected)
