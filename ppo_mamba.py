@@ -152,9 +152,9 @@ class Args:
     # Network
     hidden_size: int | None = None
     """width of the encoder output and of the trunk"""
-    view_pool: tyro.conf.DisallowNone[bool | None] = None
+    view_pool: bool = False
     """images and MiniGrid views: the encoder also reads its features pooled over the view's positions (what
-    is in view, wherever it lies) beside the per-position ones; default: the table's, else off"""
+    is in view, wherever it lies) beside the per-position ones"""
 
     # Filled in by parse_args
     domain: tyro.conf.Suppress[str] = ""
@@ -362,8 +362,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
         args.masked_indices = MASKED_ENVS[args.env_id][1] if args.env_id in MASKED_ENVS else ()
     if args.trunk_learning_rate is None:
         args.trunk_learning_rate = args.learning_rate
-    if args.view_pool is None:
-        args.view_pool = False
 
     for name in SIZE_FIELDS + TRUNK_SIZE_FIELDS:
         if getattr(args, name) <= 0:
