@@ -147,12 +147,6 @@ class Args:
     """the maximum norm for the gradient clipping (> 0: a norm of 0 would zero every gradient)"""
     target_kl: float | None = None
     """the target KL divergence threshold (> 0; stops the update epochs early)"""
-    recall_coef: float = 0.0
-    """MiniGrid symbolic views: weight of an auxiliary loss that asks the trunk's output to name every cell
-    (object, colour, state) of the view seen --recall-steps steps earlier in the same episode, so the memory
-    learns to keep what it saw from every step, not only from the returns (>= 0; 0 is off)"""
-    recall_steps: int = 8
-    """how many steps back the view that --recall-coef asks for lies"""
 
     # Network
     hidden_size: int | None = None
@@ -279,7 +273,6 @@ SIZE_FIELDS = (
     "update_epochs",
     "checkpoint_interval",
     "minigrid_max_steps",
-    "recall_steps",
 )
 
 
@@ -379,7 +372,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
         "vf_coef": (args.vf_coef > 0, "> 0"),
         "max_grad_norm": (args.max_grad_norm > 0, "> 0"),
         "target_kl": (args.target_kl is None or args.target_kl > 0, "> 0"),
-        "recall_coef": (args.recall_coef >= 0, ">= 0"),
     }
     for name, (in_range, allowed) in coefficient_ranges.items():
         value = getattr(args, name)
@@ -393,9 +385,6 @@ def parse_args(argv: list[str] | None = None) -> Args:
         fail(f"--minigrid-obs must be rgb or symbolic, got {args.minigrid_obs!r}")
     if args.view_pool and args.domain not in ("atari", "minigrid"):
         fail(f"--view-pool pools over an image or grid, which {args.domain} observations are not")
-    if args.recall_coef and (args.domain, args.minigrid_obs) != ("minigrid", "symbolic"):
-        what = f"MiniGrid {args.minigrid_obs}" if args.domain == "minigrid" else args.domain
-        fail(f"--recall-coef names the cells of MiniGrid symbolic views, which {what} observations are not")
     if args.masked_indices and args.domain not in ("mujoco", "classic"):
         fail(f"--masked-indices zeroes entries of vector observations, which {args.domain} envs do not give")
     if args.track and wandb is None:
@@ -603,7 +592,7 @@ class SymbolicEncoder(nn.Module):
 
     def __init__(self, obs_shape: tuple[int, ...], hidden_size: int, embed_size: int = 8, pool: bool = False):
         super().__init__()
-        self.sizes = sizes = [len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX)]
+        sizes = (len(OBJECT_TO_IDX), len(COLOR_TO_IDX), len(STATE_TO_IDX))
         self.register_buffer("offsets", torch.tensor([0, sizes[0], sizes[0] + sizes[1]]))
         self.embed = nn.Embedding(sum(sizes), embed_size)
         self.pool = pool
@@ -752,10 +741,6 @@ class Agent(nn.Module):
         self.actor = layer_init(nn.Linear(self.trunk.output_size, num_outputs), std=0.01)
         if self.continuous:  # diagonal Gaussian with a state-independent log standard deviation
             self.actor_logstd = nn.Parameter(torch.zeros(num_outputs))
-        self.recall, self.recall_steps = None, args.recall_steps
-        if args.recall_coef > 0:  # logits for every cell of a symbolic view: object, colour and state
-            num_logits = math.prod(obs_space.shape[:-1]) * sum(self.encoder.sizes)
-            self.recall = layer_init(nn.Linear(self.trunk.output_size, num_logits), std=0.01)
 
     def initial_state(self, num_envs: int, device: torch.device):
         return self.trunk.initial_state(num_envs, device)
@@ -772,10 +757,6 @@ class Agent(nn.Module):
     def get_action_and_value(self, obs: torch.Tensor, state, starts: torch.Tensor, action=None):
         """Samples an action in the rollout; in training, `action` given, recomputes its log-probability."""
         hidden, state = self.features(obs, state, starts)
-        return *self.heads(hidden, action), state
-
-    def heads(self, hidden: torch.Tensor, action=None):
-        """The trunk's output -> action, its log-probability, the policy's entropy, the value."""
         if self.continuous:
             mean = self.actor(hidden)
             dist = Normal(mean, self.actor_logstd.exp().expand_as(mean), validate_args=False)
@@ -786,23 +767,7 @@ class Agent(nn.Module):
         logprob, entropy = dist.log_prob(action), dist.entropy()
         if self.continuous:  # independent action dimensions: sum over the last axis
             logprob, entropy = logprob.sum(-1), entropy.sum(-1)
-        return action, logprob, entropy, self.critic(hidden).squeeze(-1)
-
-    def recall_loss(self, hidden: torch.Tensor, obs: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of naming each cell of the view `recall_steps` earlier from the trunk's output
-        [T, B, width], averaged over the steps whose view that far back is in the same episode and sequence.
-        Written by hand: an auxiliary recall loss (after Memory Gym's reconstruction) is in no library."""
-        k = self.recall_steps
-        episodes = starts.long().cumsum(0)
-        same_episode = (episodes[k:] == episodes[:-k]).float()  # no start in (t - k, t]
-        logits = self.recall(hidden[k:]).unflatten(-1, (-1, sum(self.encoder.sizes)))  # [T - k, B, cells, 20]
-        cells = obs[:-k].flatten(2, -2).long()  # [T - k, B, cells, (object, colour, state)]
-        losses = [
-            nn.functional.cross_entropy(part.flatten(0, -2), cells[..., channel].flatten(), reduction="none")
-            for channel, part in enumerate(logits.split(self.encoder.sizes, -1))
-        ]
-        per_step = sum(losses).view(*same_episode.shape, -1).mean(-1)
-        return (per_step * same_episode).sum() / same_episode.sum().clamp(min=1)
+        return action, logprob, entropy, self.critic(hidden).squeeze(-1), state
 
     # <<< shared: agent
 
@@ -1097,8 +1062,9 @@ def main(args: Args) -> None:
                 env_order = torch.randperm(args.num_envs, device=device)
                 for first in range(0, args.num_envs, envs_per_minibatch):
                     mb = env_order[first : first + envs_per_minibatch]
-                    hidden, _ = agent.features(obs[:, mb], state_for_envs(rollout_state, mb), starts[:, mb])
-                    _, newlogprob, entropy, newvalue = agent.heads(hidden, actions[:, mb])
+                    _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
+                        obs[:, mb], state_for_envs(rollout_state, mb), starts[:, mb], actions[:, mb]
+                    )
                     logratio = newlogprob - logprobs[:, mb]
                     ratio = logratio.exp()
                     with torch.no_grad():
@@ -1129,9 +1095,6 @@ def main(args: Args) -> None:
 
                     entropy_loss = entropy.mean()
                     loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
-                    if agent.recall is not None:
-                        recall_loss = agent.recall_loss(hidden, obs[:, mb], starts[:, mb])
-                        loss = loss + args.recall_coef * recall_loss
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss at update {iteration}, step {global_step}")
                     optimizer.zero_grad()
@@ -1170,8 +1133,6 @@ def main(args: Args) -> None:
             }
             if args.domain == "minigrid" and episodes:
                 scalars["charts/success_rate"] = success_rate([ret for _, ret, _ in episodes[-100:]])
-            if agent.recall is not None:
-                scalars["losses/recall_loss"] = recall_loss.item()
             if device.type == "cuda":
                 gpu_allocated, gpu_reserved = peak_gpu_memory_gb(device)
                 scalars["perf/gpu_mem_allocated_gb"] = gpu_allocated

@@ -24,9 +24,6 @@ BAD_INPUT = {
     "masked index out of range": (["--env-id", "CartPole-v1", "--masked-indices", "7"], "out of range"),
     "masked indices on images": (["--env-id", "ALE/Breakout-v5", "--masked-indices", "1"], "vector observations"),
     "view pool on vectors": (["--view-pool"], "--view-pool pools over an image or grid"),
-    "recall on vectors": (["--recall-coef", "0.1"], "--recall-coef names the cells of MiniGrid symbolic views"),
-    "recall on minigrid rgb": ([*DOMAINS["minigrid-rgb"], "--recall-coef", "0.1"], "which MiniGrid rgb observations"),
-    "zero recall steps": (["--recall-steps", "0"], "--recall-steps must be positive"),
     "resume of a missing run": (["--resume", "runs/missing"], "no checkpoint"),
     "unknown minigrid obs": ([*DOMAINS["minigrid-rgb"], "--minigrid-obs", "pixels"], "rgb or symbolic"),
     "frame stack below one": (["--frame-stack", "0"], "--frame-stack must be at least 1"),
@@ -43,7 +40,6 @@ OUT_OF_RANGE = {
     "vf_coef": ["nan", "inf", "0", "-0.5"],
     "max_grad_norm": ["nan", "inf", "0", "-1"],
     "target_kl": ["nan", "inf", "0", "-0.01"],
-    "recall_coef": ["nan", "inf", "-0.1"],
 }
 for name, values in OUT_OF_RANGE.items():
     flag = "--" + name.replace("_", "-")

@@ -4,8 +4,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from conftest import DOMAINS, TEMPLATE, TINY, load, rollout_batch
+from conftest import DOMAINS, TEMPLATE, TINY, load
 
 OBS_KIND = {  # shape and dtype reaching the network, by domain (DESIGN section 4)
     "mujoco": ((17,), np.float32),
@@ -124,29 +123,3 @@ def test_view_pool_on_images_adds_the_average_of_each_feature_map(domain):
         head.weight[:, : maps[0].numel()] = 0  # what remains reads the pooled features only
         expected = torch.relu(maps.mean((-2, -1)) @ head.weight[:, maps[0].numel() :].T + head.bias)
         torch.testing.assert_close(pooled.encoder(obs), expected)
-
-
-def test_recall_loss_names_the_view_k_steps_back_and_never_across_a_start():
-    """--recall-coef: the loss, checked against a loop over (step, env) pairs; pairs that straddle a start
-    (or reach before the sequence) count for nothing, and with the flag off the agent has no recall head."""
-    module = load(TEMPLATE)
-    k = 3
-    argv = (*DOMAINS["minigrid-symbolic"], "--recall-coef", "0.1", "--recall-steps", str(k))
-    agent, obs, starts, _ = rollout_batch(module, "minigrid-symbolic", torch.device("cpu"), argv=argv)
-    assert agent.recall.weight.shape == (9 * sum(agent.encoder.sizes), agent.trunk.output_size)
-    hidden = torch.randn(*starts.shape, agent.trunk.output_size)
-    losses, straddling = [], 0
-    for t in range(k, len(starts)):
-        for env in range(starts.shape[1]):
-            if starts[t - k + 1 : t + 1, env].any():
-                straddling += 1
-                continue
-            logits = agent.recall(hidden[t, env]).view(9, -1).split(agent.encoder.sizes, -1)
-            cells = obs[t - k, env].reshape(9, 3).long()
-            losses.append(sum(F.cross_entropy(logits[c], cells[:, c]) for c in range(3)))
-    assert losses and straddling  # both kinds of pair occur in this batch
-    with torch.no_grad():
-        torch.testing.assert_close(agent.recall_loss(hidden, obs, starts), torch.stack(losses).mean())
-        assert agent.recall_loss(hidden, obs, torch.ones_like(starts)) == 0  # every pair straddles a start
-    *_, plain = build(module, "minigrid-symbolic")
-    assert plain.recall is None and not any("recall" in name for name, _ in plain.named_parameters())

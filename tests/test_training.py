@@ -122,14 +122,6 @@ def test_minigrid_summary_and_tensorboard_carry_the_success_rate(template, tmp_p
     assert summary["success_rate"] is None
 
 
-def test_the_recall_loss_trains_and_is_logged(template, tmp_path, monkeypatch):
-    argv = [*DOMAINS["minigrid-symbolic"], *TINY, "--total-timesteps", "512", "--learning-rate", "1e-3"]
-    run_dir, summary = train(template, [*argv, "--recall-coef", "0.5", "--recall-steps", "4"], tmp_path, monkeypatch)
-    assert summary["status"] == "complete" and summary["args"]["recall_coef"] == 0.5
-    losses = [event.value for event in EventAccumulator(str(run_dir)).Reload().Scalars("losses/recall_loss")]
-    assert len(losses) == 16 and losses[-1] < 0.8 * losses[0]  # the walls and floor are learned first
-
-
 def test_a_budget_below_one_batch_still_makes_one_update(template, tmp_path, monkeypatch):
     _, summary = train(template, [*DOMAINS["classic"], *TINY, "--total-timesteps", "1"], tmp_path, monkeypatch)
     assert summary["status"] == "complete" and summary["global_step"] == 32
