@@ -551,7 +551,13 @@ class VectorEncoder(nn.Module):
 class ConvEncoder(nn.Module):
     """Nature DQN CNN (Mnih et al. 2015) on 84x84 uint8 images; MiniGrid uses a narrower copy."""
 
-    def __init__(self, in_channels: int, hidden_size: int, widths=(32, 64, 64), pool: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_size: int,
+        widths: tuple[int, int, int] = (32, 64, 64),
+        pool: bool = False,
+    ):
         super().__init__()
         self.pool = pool
         pooled_size = widths[2] if pool else 0
