@@ -85,6 +85,10 @@ class Args:
     torch_threads: int | None = None
     """CPU threads for torch; default 1 for vector and symbolic observations (their layers are too small to
     gain from splitting), torch's own default (one per core) for images"""
+    compile: bool = False
+    """compile the agent's rollout step and training pass with torch.compile before training starts (a
+    minute or more on a CPU: summary.json's compile_s, outside its steps/s); scripts whose trunk ran slower
+    compiled refuse it and say why"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "rlbenchnet"
@@ -174,6 +178,7 @@ TRUNK_SIZE_FIELDS = ("hidden_size", "num_layers")
 TRUNK_CHOICE_FIELDS = {}  # trunk flags with a fixed set of values: name -> the values
 TRUNK_RANGE_FIELDS = ()  # trunk flags that are (low, high) ranges of positive numbers
 TRUNK_FINITE_FIELDS = ()  # trunk flags that take any finite number
+NO_COMPILE = None  # why --compile is refused for this trunk; None: it compiles and gains
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,6 +344,8 @@ def parse_args(argv: list[str] | None = None) -> Args:
             fail(f"{flag(name)} must be positive, got {getattr(args, name)}")
     if args.torch_threads is not None and args.torch_threads <= 0:
         fail(f"--torch-threads must be positive, got {args.torch_threads}")
+    if args.compile and NO_COMPILE:
+        fail(f"--compile: {NO_COMPILE}")
     for name, choices in TRUNK_CHOICE_FIELDS.items():
         if getattr(args, name) not in choices:
             fail(f"{flag(name)} must be one of {', '.join(choices)}, got {getattr(args, name)!r}")
@@ -836,6 +843,21 @@ def main(args: Args) -> None:
     next_obs = torch.as_tensor(next_obs_np, device=device)
     next_starts = torch.ones(args.num_envs, device=device)
     state = agent.initial_state(args.num_envs, device)
+    compile_s = 0.0
+    if args.compile:  # every graph now, so that steps/s measures training; fork_rng: no draw is used up
+        tic = time.time()
+        agent.get_action_and_value = torch.compile(agent.get_action_and_value, dynamic=False)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            warm_state = state
+            for _ in range(2):  # the first step's state is a plain tensor, later ones are inference tensors
+                with torch.inference_mode():
+                    *_, warm_state = agent.get_action_and_value(next_obs[None], warm_state, next_starts[None])
+            mb = torch.arange(args.num_envs // args.num_minibatches, device=device)  # a minibatch's shapes
+            mb_state = state_for_envs(state, mb)
+            outputs = agent.get_action_and_value(obs[:, mb], mb_state, starts[:, mb], actions[:, mb])
+            sum(output.sum() for output in outputs[1:4]).backward()
+        optimizer.zero_grad()
+        compile_s = time.time() - tic
     latencies = deque(maxlen=10_000)  # seconds per batched forward in the rollout
     timings = {"rollout": 0.0, "update": 0.0}
     start_time = last_print = time.time()
@@ -860,6 +882,7 @@ def main(args: Args) -> None:
             "global_step": completed * args.batch_size,
             "total_timesteps": args.total_timesteps,
             "wall_s": wall_before + time.time() - start_time,
+            "compile_s": compile_s,
             "sps": steps_here / max(time.time() - start_time, 1e-9),
             "rollout_sps": steps_here / max(timings["rollout"], 1e-9),
             "update_sps": steps_here / max(timings["update"], 1e-9),

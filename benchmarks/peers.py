@@ -10,6 +10,7 @@ sees the same speed.
 
     python benchmarks/peers.py                        # every config, 3 rounds
     python benchmarks/peers.py --configs cartpole-novel --rounds 2 --entries ppo_mlp.py sb3-ppo
+    python benchmarks/peers.py --configs memory-symbolic --entries ppo_mlp.py ppo_mamba2.py --compile
 
 Configs (the PPO flags are the same for every entry in a config; network sizes are each script's own):
 - cartpole-novel: CartPoleNoVel-v1 (CartPole-v1 with observation indices 1 and 3 zeroed), 8 envs x 128
@@ -102,9 +103,10 @@ ROLLOUT_TARGET = 0.25  # ppo_mlp.py's rollout phase against the random-policy ce
 template = load_script("ppo_mlp")  # for the configs' batch sizes and the ceiling's vector env
 
 
-def run_ours(script: str, config: str) -> dict:
+def run_ours(script: str, config: str, extra_flags: list[str]) -> dict:
     batch_size = template.parse_args(PPO_FLAGS[config]).batch_size
-    summary = ppo_summary(ROOT / script, PPO_FLAGS[config], STEPS[config] // batch_size, batch_size)
+    flags = PPO_FLAGS[config] + extra_flags
+    summary = ppo_summary(ROOT / script, flags, STEPS[config] // batch_size, batch_size)
     return {"sps": summary["sps"], "rollout_sps": summary["rollout_sps"]}
 
 
@@ -170,12 +172,12 @@ def run_peer(name: str, steps: int) -> dict:
     return {"sps": model.num_timesteps / (time.perf_counter() - start), "rollout_sps": None}
 
 
-def measure(entry: str, config: str) -> dict:
+def measure(entry: str, config: str, extra_flags: list[str]) -> dict:
     if entry in PEER_STEPS:
         command = [sys.executable, __file__, "--peer", entry, "--steps", str(PEER_STEPS[entry])]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         return json.loads(output.splitlines()[-1])
-    return run_ours(entry, config)
+    return run_ours(entry, config, extra_flags)
 
 
 def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceilings: list[float]) -> list[bool]:
@@ -228,6 +230,12 @@ def main():
     parser.add_argument("--configs", nargs="+", default=list(PPO_FLAGS), choices=list(PPO_FLAGS))
     parser.add_argument("--entries", nargs="+", help="scripts and peers to run (default: all of the config's)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="our scripts run with --compile (steps/s then leaves out compiling, as summary.json's sps does); "
+        "every script among the entries must take it",
+    )
     parser.add_argument("--peer", choices=list(PEER_STEPS), help=argparse.SUPPRESS)  # one peer run, internal
     parser.add_argument("--steps", type=int, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -240,17 +248,20 @@ def main():
     import torch
 
     print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    all_met = []
+    all_met, extra_flags = [], ["--compile"] if options.compile else []
     for config in options.configs:
         entries = [
             e for e in RUN_ORDER if e in SCRIPTS + PEERS[config] and (not options.entries or e in options.entries)
         ]
+        refusing = [e for e in entries if options.compile and e in SCRIPTS and load_script(e[:-3]).NO_COMPILE]
+        if refusing:
+            parser.error(f"--compile: {', '.join(refusing)} refuse it; name the entries that take it")
         figures, ceilings = {entry: [] for entry in entries}, []
         for round_index in range(options.rounds):
             for entry in entries if round_index % 2 == 0 else entries[::-1]:
                 if entry == "ppo_mlp.py":
                     ceilings.append(random_policy_sps(template, PPO_FLAGS[config]))
-                figures[entry].append(measure(entry, config))
+                figures[entry].append(measure(entry, config, extra_flags))
                 print(f"round {round_index + 1}, {entry}: {figures[entry][-1]['sps']:,.0f} steps/s", flush=True)
         all_met += report(config, entries, figures, ceilings)
     print(f"\nevery target met: {all(all_met)} ({sum(all_met)} of {len(all_met)})")

@@ -112,6 +112,17 @@ def test_resume_of_a_checkpoint_this_script_cannot_continue(template, case, tmp_
     assert_bad_input(template, ["--resume", run], message, tmp_path, capsys)
 
 
+def test_compile_is_refused_by_the_trunks_it_slows_down(script, module, tmp_path, monkeypatch, capsys):
+    """The MLP and Mamba-2 ran faster compiled; the others' data-dependent pieces (episode cuts, the key/value
+    cache, the selective scan's Python loop) made them slower, so they refuse --compile and say why."""
+    monkeypatch.chdir(tmp_path)
+    if script.name in ("ppo_mlp.py", "ppo_mamba2.py"):
+        assert module.NO_COMPILE is None and module.parse_args(["--compile"]).compile
+    else:
+        assert f"{script.name}'s " in module.NO_COMPILE and "slower than eager" in module.NO_COMPILE
+        assert_bad_input(module, ["--compile"], f"--compile: {module.NO_COMPILE}", tmp_path, capsys)
+
+
 def test_bad_input_from_the_command_line(script, tmp_path):
     result = run_script(script, "--env-id", "Blackjack-v1", cwd=tmp_path)
     assert result.returncode == 2

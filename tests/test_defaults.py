@@ -44,7 +44,7 @@ INTENDED_DIFFERENCES = {
         "classic": {"total_timesteps": 1_000_000, "learning_rate": 1e-3, "num_minibatches": 1},
         "minigrid": {"total_timesteps": 3_000_000},
         "LunarLanderNoVel-v3": LUNAR_LANDER_ROW,
-        "MiniGrid-MemoryS11-v0": {"trunk_learning_rate": 1e-4},
+        "MiniGrid-MemoryS11-v0": {"trunk_learning_rate": 1e-4, "num_steps": 256},
     },
 }
 

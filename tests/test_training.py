@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOMAINS, TEMPLATE, TINY, run_script
+from conftest import DOMAINS, SCRIPTS, TEMPLATE, TINY, load, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SUMMARY_FIELDS = {
@@ -24,6 +24,7 @@ SUMMARY_FIELDS = {
     "global_step",
     "total_timesteps",
     "wall_s",
+    "compile_s",
     "sps",
     "rollout_sps",
     "update_sps",
@@ -60,7 +61,16 @@ TENSORBOARD_KEYS = {
     "perf/cpu_rss_gb",
     "debug/first_minibatch_ratio_error",
 }
-TIMING_FIELDS = {"wall_s", "sps", "rollout_sps", "update_sps", "inference_latency_ms", "cpu_rss_gb", "run_name"}
+TIMING_FIELDS = {
+    "wall_s",
+    "compile_s",
+    "sps",
+    "rollout_sps",
+    "update_sps",
+    "inference_latency_ms",
+    "cpu_rss_gb",
+    "run_name",
+}
 
 
 def train(module, argv, cwd: Path, monkeypatch) -> tuple[Path, dict]:
@@ -205,6 +215,85 @@ def test_async_envs_train_exactly_as_the_envs_in_this_process(template, env, tmp
     assert async_["args"].pop("async_envs") and not sync["args"].pop("async_envs")
     assert async_ == sync and async_episodes == sync_episodes
     assert sync["status"] == "complete" and sync["episodes"] > 0
+
+
+COMPILING = [script for script in SCRIPTS if load(script).NO_COMPILE is None]
+
+
+@pytest.mark.parametrize("script", COMPILING, ids=lambda path: path.stem)
+def test_compile_builds_every_graph_before_the_first_env_step(script, tmp_path, monkeypatch):
+    """No graph is compiled once training runs (a recompile there would be timed as training): the graphs
+    are counted by a backend that runs them as traced, and every env step of three updates sees them all."""
+    module, graphs, graphs_at_steps = load(script), [], []
+    real_compile, real_make_envs = torch.compile, module.make_envs
+
+    def counting_compile(function, **options):
+        def backend(graph, example_inputs):
+            graphs.append(graph)
+            return graph.forward
+
+        return real_compile(function, backend=backend, **options)
+
+    def spying_make_envs(args, run_name):
+        envs = real_make_envs(args, run_name)
+        real_step = envs.step
+
+        def step(actions):
+            graphs_at_steps.append(len(graphs))
+            return real_step(actions)
+
+        envs.step = step
+        return envs
+
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    monkeypatch.setattr(module, "make_envs", spying_make_envs)
+    # episodes cut at 4 steps: training sequences with starts inside
+    argv = [*DOMAINS["minigrid-symbolic"], *TINY, "--total-timesteps", "96", "--minigrid-max-steps", "4"]
+    _, summary = train(module, [*argv, "--compile"], tmp_path, monkeypatch)
+    assert summary["status"] == "complete" and summary["global_step"] == 96 and summary["compile_s"] > 0
+    assert len(graphs_at_steps) == 48 and set(graphs_at_steps) == {len(graphs)} and graphs
+
+
+def tensors(outputs) -> list[torch.Tensor]:
+    """(action, logprob, entropy, value, state) as a list of tensors; a state is None or a tuple of them."""
+    *heads, state = outputs
+    return [*heads, *(state or ())]
+
+
+@pytest.mark.parametrize("script", COMPILING, ids=lambda path: path.stem)
+def test_the_compiled_agent_computes_what_the_eager_one_does(script):
+    """torch.compile's fused code (inductor) against eager: the rollout step's outputs and state, and a
+    training pass's log-probabilities, entropies, values and gradients, over sequences with starts inside."""
+    module = load(script)
+    args = module.parse_args(DOMAINS["minigrid-symbolic"])  # MemoryS11's sizes and trunk settings
+    env = module.make_env(args, 0, "")()
+    torch.manual_seed(0)
+    agent = module.Agent(env.observation_space, env.action_space, args)
+    compiled = torch.compile(agent.get_action_and_value, dynamic=False)
+    num_steps, num_envs = 16, 4
+    observations, (observation, _) = [], env.reset(seed=0)
+    for _ in range(num_steps * num_envs):  # real views: the embedding takes MiniGrid's indices only
+        observations.append(torch.as_tensor(observation))
+        observation, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        if terminated or truncated:
+            observation, _ = env.reset()
+    obs = torch.stack(observations).reshape(num_steps, num_envs, *env.observation_space.shape)
+    starts = (torch.rand(num_steps, num_envs) < 0.2).float()
+    actions = torch.randint(env.action_space.n, (num_steps, num_envs))
+    state = agent.initial_state(num_envs, torch.device("cpu"))
+    with torch.inference_mode():
+        eager_step = agent.get_action_and_value(obs[:1], state, starts[:1], actions[:1])
+        compiled_step = compiled(obs[:1], state, starts[:1], actions[:1])
+    for eager, fused in zip(tensors(eager_step), tensors(compiled_step), strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    results = []
+    for forward in (agent.get_action_and_value, compiled):
+        agent.zero_grad()
+        _, logprob, entropy, value, _ = forward(obs, state, starts, actions)
+        (logprob.sum() + entropy.sum() + value.sum()).backward()
+        results.append([logprob, entropy, value, *(p.grad.clone() for p in agent.parameters())])
+    for eager, fused in zip(*results, strict=True):
+        torch.testing.assert_close(fused, eager, rtol=1e-3, atol=1e-4)  # sums of 64 steps, reordered
 
 
 def test_non_finite_loss_fails_the_run_and_says_why(template, tmp_path, monkeypatch):
