@@ -86,9 +86,9 @@ class Args:
     """CPU threads for torch; default 1 for vector and symbolic observations (their layers are too small to
     gain from splitting), torch's own default (one per core) for images"""
     compile: bool = False
-    """compile the agent's rollout step and training pass with torch.compile before training starts (a
-    minute or more on a CPU: summary.json's compile_s, outside its steps/s); scripts whose trunk ran slower
-    compiled refuse it and say why"""
+    """compile the agent's rollout step and training pass with torch.compile before training starts
+    (seconds to a minute or two on a CPU: summary.json's compile_s, outside its steps/s); scripts whose
+    trunk ran slower compiled refuse it and say why"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "rlbenchnet"
