@@ -86,9 +86,9 @@ class Args:
     """CPU threads for torch; default 1 for vector and symbolic observations (their layers are too small to
     gain from splitting), torch's own default (one per core) for images"""
     compile: bool = False
-    """compile the agent's rollout step and training pass with torch.compile before training starts
-    (seconds to a minute or two on a CPU: summary.json's compile_s, outside its steps/s); scripts whose
-    trunk ran slower compiled refuse it and say why"""
+    """compile the agent's rollout step and the PPO loss with torch.compile before training starts, and
+    step Adam fused (seconds to minutes on a CPU: summary.json's compile_s, outside its steps/s); results
+    match eager to float rounding; scripts whose trunk ran slower compiled refuse it and say why"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "rlbenchnet"
@@ -740,6 +740,37 @@ def state_for_envs(state, env_ids: torch.Tensor):
     return tuple(part[env_ids] for part in state)
 
 
+def ppo_loss(agent, args: Args, obs, state, starts, actions, logprobs, advantages, values, returns):
+    """A minibatch's PPO loss (clipped surrogate, value loss, entropy bonus) and the statistics logged of it,
+    from whole sequences replayed from `state`; one function so that --compile fuses all of it."""
+    _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(obs, state, starts, actions)
+    logratio = newlogprob - logprobs
+    ratio = logratio.exp()
+    with torch.no_grad():
+        old_approx_kl = (-logratio).mean()
+        approx_kl = ((ratio - 1) - logratio).mean()
+        clipfrac = ((ratio - 1.0).abs() > args.clip_coef).float().mean()
+        ratio_error = (ratio - 1.0).abs().max()
+
+    if args.norm_adv:
+        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
+    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
+
+    if args.clip_vloss:
+        v_loss_unclipped = (newvalue - returns) ** 2
+        v_clipped = values + torch.clamp(newvalue - values, -args.clip_coef, args.clip_coef)
+        v_loss_clipped = (v_clipped - returns) ** 2
+        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
+    else:
+        v_loss = 0.5 * ((newvalue - returns) ** 2).mean()
+
+    entropy_loss = entropy.mean()
+    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+    return loss, (pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac, ratio_error)
+
+
 def success_rate(returns: list[float]) -> float | None:
     """MiniGrid pays a positive reward only for reaching the goal: a success is a return > 0."""
     return sum(ret > 0 for ret in returns) / len(returns) if returns else None
@@ -785,7 +816,10 @@ def main(args: Args) -> None:
     optimizer = torch.optim.Adam(
         [{"params": params, "lr": rate} for params, rate in zip(groups, base_rates, strict=True)],
         eps=1e-5,
-        foreach=True,  # one call per update rule for all tensors, not a Python loop over them: the same bits
+        # one call per update rule for all tensors, the same bits as a Python loop over them; with --compile,
+        # which gives up bit for bit anyway, one fused kernel for all of them (rounding differently)
+        foreach=not args.compile,
+        fused=args.compile or None,
     )
     num_params = sum(p.numel() for p in agent.parameters())
     device_text = device_name(device)
@@ -843,19 +877,21 @@ def main(args: Args) -> None:
     next_obs = torch.as_tensor(next_obs_np, device=device)
     next_starts = torch.ones(args.num_envs, device=device)
     state = agent.initial_state(args.num_envs, device)
-    compile_s = 0.0
+    compile_s, loss_fn = 0.0, ppo_loss
     if args.compile:  # every graph now, so that steps/s measures training; fork_rng: no draw is used up
         tic = time.time()
         agent.get_action_and_value = torch.compile(agent.get_action_and_value, dynamic=False)
+        loss_fn = torch.compile(ppo_loss, dynamic=False)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             warm_state = state
             for _ in range(2):  # the first step's state is a plain tensor, later ones are inference tensors
                 with torch.inference_mode():
                     *_, warm_state = agent.get_action_and_value(next_obs[None], warm_state, next_starts[None])
             mb = torch.arange(args.num_envs // args.num_minibatches, device=device)  # a minibatch's shapes
-            mb_state = state_for_envs(state, mb)
-            outputs = agent.get_action_and_value(obs[:, mb], mb_state, starts[:, mb], actions[:, mb])
-            sum(output.sum() for output in outputs[1:4]).backward()
+            # log-probabilities, advantages, values, returns: four tensors (dynamo guards on aliasing)
+            floats = [rewards[:, mb] for _ in range(4)]
+            warm_inputs = (obs[:, mb], state_for_envs(state, mb), starts[:, mb], actions[:, mb], *floats)
+            loss_fn(agent, args, *warm_inputs)[0].backward()
         optimizer.zero_grad()
         compile_s = time.time() - tic
     latencies = deque(maxlen=10_000)  # seconds per batched forward in the rollout
@@ -995,39 +1031,24 @@ def main(args: Args) -> None:
                 env_order = torch.randperm(args.num_envs, device=device)
                 for first in range(0, args.num_envs, envs_per_minibatch):
                     mb = env_order[first : first + envs_per_minibatch]
-                    _, newlogprob, entropy, newvalue, _ = agent.get_action_and_value(
-                        obs[:, mb], state_for_envs(rollout_state, mb), starts[:, mb], actions[:, mb]
+                    loss, stats = loss_fn(
+                        agent,
+                        args,
+                        obs[:, mb],
+                        state_for_envs(rollout_state, mb),
+                        starts[:, mb],
+                        actions[:, mb],
+                        logprobs[:, mb],
+                        advantages[:, mb],
+                        values[:, mb],
+                        returns[:, mb],
                     )
-                    logratio = newlogprob - logprobs[:, mb]
-                    ratio = logratio.exp()
-                    with torch.no_grad():
-                        old_approx_kl = (-logratio).mean()
-                        approx_kl = ((ratio - 1) - logratio).mean()
-                        clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-                        # Before any gradient step the policy is the rollout's: every ratio should be 1
-                        if epoch == 0 and first == 0:
-                            first_error = (ratio - 1.0).abs().max().item()
-                            ratio_error = max(ratio_error, first_error)
-
-                    mb_advantages = advantages[:, mb]
-                    if args.norm_adv:
-                        mb_advantages = (mb_advantages - mb_advantages.mean()) / (mb_advantages.std() + 1e-8)
-                    pg_loss1 = -mb_advantages * ratio
-                    pg_loss2 = -mb_advantages * torch.clamp(ratio, 1 - args.clip_coef, 1 + args.clip_coef)
-                    pg_loss = torch.max(pg_loss1, pg_loss2).mean()
-
-                    if args.clip_vloss:
-                        v_loss_unclipped = (newvalue - returns[:, mb]) ** 2
-                        v_clipped = values[:, mb] + torch.clamp(
-                            newvalue - values[:, mb], -args.clip_coef, args.clip_coef
-                        )
-                        v_loss_clipped = (v_clipped - returns[:, mb]) ** 2
-                        v_loss = 0.5 * torch.max(v_loss_unclipped, v_loss_clipped).mean()
-                    else:
-                        v_loss = 0.5 * ((newvalue - returns[:, mb]) ** 2).mean()
-
-                    entropy_loss = entropy.mean()
-                    loss = pg_loss - args.ent_coef * entropy_loss + v_loss * args.vf_coef
+                    pg_loss, v_loss, entropy_loss, old_approx_kl, approx_kl, clipfrac, mb_ratio_error = stats
+                    clipfracs.append(clipfrac)
+                    # Before any gradient step the policy is the rollout's: every ratio should be 1
+                    if epoch == 0 and first == 0:
+                        first_error = mb_ratio_error.item()
+                        ratio_error = max(ratio_error, first_error)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"non-finite loss at update {iteration}, step {global_step}")
                     optimizer.zero_grad()

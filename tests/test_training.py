@@ -257,7 +257,7 @@ def tensors(outputs) -> list[torch.Tensor]:
 @pytest.mark.parametrize("script", COMPILING, ids=lambda path: path.stem)
 def test_the_compiled_agent_computes_what_the_eager_one_does(script):
     """torch.compile's fused code (inductor) against eager: the rollout step's outputs and state, and a
-    training pass's log-probabilities, entropies, values and gradients, over sequences with starts inside."""
+    training pass's PPO loss, its logged statistics and every gradient, over sequences with starts inside."""
     module = load(script)
     args = module.parse_args(DOMAINS["minigrid-symbolic"])  # MemoryS11's sizes and trunk settings
     env = module.make_env(args, 0, "")()
@@ -280,12 +280,15 @@ def test_the_compiled_agent_computes_what_the_eager_one_does(script):
         compiled_step = compiled(obs[:1], state, starts[:1], actions[:1])
     for eager, fused in zip(tensors(eager_step), tensors(compiled_step), strict=True):
         torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    # the training pass as --compile runs it: the whole PPO loss compiled (and the agent inside it)
+    logprobs, advantages, values, returns = torch.randn(4, num_steps, num_envs).unbind(0)
+    inputs = (obs, state, starts, actions, logprobs.clamp(max=-0.1), advantages, values, returns)
     results = []
-    for forward in (agent.get_action_and_value, compiled):
+    for loss_fn in (module.ppo_loss, torch.compile(module.ppo_loss, dynamic=False)):
         agent.zero_grad()
-        _, logprob, entropy, value, _ = forward(obs, state, starts, actions)
-        (logprob.sum() + entropy.sum() + value.sum()).backward()
-        results.append([logprob, entropy, value, *(p.grad.clone() for p in agent.parameters())])
+        loss, stats = loss_fn(agent, args, *inputs)
+        loss.backward()
+        results.append([loss, *stats, *(p.grad.clone() for p in agent.parameters())])
     for eager, fused in zip(*results, strict=True):
         torch.testing.assert_close(fused, eager, rtol=1e-3, atol=1e-4)  # sums of 64 steps, reordered
 
