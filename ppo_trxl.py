@@ -192,11 +192,7 @@ TRUNK_SIZE_FIELDS = ("hidden_size", "memory_length", "num_layers", "num_heads", 
 TRUNK_CHOICE_FIELDS = {}  # trunk flags with a fixed set of values: name -> the values
 TRUNK_RANGE_FIELDS = ()  # trunk flags that are (low, high) ranges of positive numbers
 TRUNK_FINITE_FIELDS = ()  # trunk flags that take any finite number
-# why --compile is refused for this trunk (None: it compiles and gains)
-NO_COMPILE = (
-    "ppo_trxl.py's rollout reuses cached keys and values when the memory is unchanged, a test on tensor data"
-    ": compiled, it breaks into pieces and trained slower than eager"
-)
+NO_COMPILE = None  # why --compile is refused for this trunk; None: it compiles and gains
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -675,8 +671,10 @@ class TransformerLayer(nn.Module):
         heads, block, M + block] (see Trunk.forward): one batched attention for every block of every env."""
         (batch, steps), (block, window) = queries.shape[:2], scores_bias.shape[-2:]
         q = self.query(queries).view(-1, block, self.num_heads, self.head_size).transpose(1, 2)
-        windows = key_values.unfold(1, window, block)  # [B, blocks, 2 * inner, M + block]
-        k, v = windows.reshape(q.shape[0], 2, self.num_heads, self.head_size, window).permute(1, 0, 2, 4, 3)
+        # Each block's window, sliced and stacked: [B, blocks, M + block, 2 * inner]. (An overlapping `unfold`
+        # gives the same values, but torch.compile's CPU backward of it wrote out of bounds in torch 2.13)
+        windows = torch.stack([key_values[:, start : start + window] for start in range(0, steps, block)], 1)
+        k, v = windows.reshape(q.shape[0], window, 2, self.num_heads, self.head_size).permute(2, 0, 3, 1, 4)
         # Written out rather than scaled_dot_product_attention: on the CPU that checks every row for being
         # fully masked, which costs more than the attention at these sizes; here no row is (a step sees
         # itself)
@@ -735,12 +733,17 @@ class Trunk(nn.Module):
         """Query i of a block attends to key j of its window at distance M + i - j (query time minus key
         time): ALiBi's score [heads, block, M + block] and whether the key is later or more than M steps
         earlier."""
+        if torch.compiler.is_compiling():  # built inside the graph: a dict filled there would be guarded on
+            return self.build_window(block, device)
         if (block, device) not in self.windows:
-            distance = self.memory_length + torch.arange(block, device=device)[:, None]
-            distance = distance - torch.arange(self.memory_length + block, device=device)
-            outside = (distance < 0) | (distance > self.memory_length)
-            self.windows[block, device] = (-self.slopes[:, None, None] * distance, outside)
+            self.windows[block, device] = self.build_window(block, device)
         return self.windows[block, device]
+
+    def build_window(self, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        distance = self.memory_length + torch.arange(block, device=device)[:, None]
+        distance = distance - torch.arange(self.memory_length + block, device=device)
+        outside = (distance < 0) | (distance > self.memory_length)
+        return -self.slopes[:, None, None] * distance, outside
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         memory = torch.zeros(num_envs, len(self.layers), self.memory_length, self.output_size, device=device)
@@ -772,22 +775,18 @@ class Trunk(nn.Module):
         scores_bias = torch.where(blocked[:, :, None], -math.inf, alibi)
         scores_bias = scores_bias.flatten(0, 1)  # [B * blocks, heads, block, M + block]
 
-        # A rollout step (one step, no gradient) takes the memory's keys and values from the step before and
-        # projects only its own input: earlier steps projected the M memory inputs, under these weights
+        # A rollout step (one step, no gradient) projects only its own input to keys and values; the memory's
+        # come from the step before, which projected the same M inputs under the same weights
         rollout_step = steps == 1 and not torch.is_grad_enabled()
-        versions = self.weight_versions() if rollout_step else None
-        cached = self.cached_key_values(memory, versions) if rollout_step else None
+        memory_key_values = self.memory_key_values(memory) if rollout_step else None
         h, new_memory, new_key_values = nn.functional.pad(x.transpose(0, 1), (0, 0, 0, padding)), [], []
         for index, layer in enumerate(self.layers):  # h: [B, T + padding, size]
             context = torch.cat([memory[:, index], h], 1)  # the layer's inputs, memory first
             new_memory.append(context[:, steps : steps + memory_length].detach())  # the last M real steps
             key_values = None  # training: the layer projects the whole context itself
-            if rollout_step:
-                if cached is None:
-                    key_values = layer.key_values(context)
-                else:
-                    key_values = torch.cat([cached[index], layer.key_values(h)], 1)
-                new_key_values.append(key_values[:, 1:])
+            if rollout_step:  # the window moves on by one: the oldest memory step leaves it
+                key_values = torch.cat([memory_key_values[index][:, 1:], layer.key_values(h)], 1)
+                new_key_values.append(key_values)
             h = layer(context, scores_bias, key_values)
         # Steps of the current episode after this call: since the last start, or added to those before
         last_start = torch.where(starts.T.bool(), torch.arange(steps, device=x.device), -1).amax(1)
@@ -795,20 +794,31 @@ class Trunk(nn.Module):
         in_episode = in_episode.clamp(max=memory_length)
         new_memory = torch.stack(new_memory, 1)
         if rollout_step:
-            self.rollout_cache = (new_memory, versions, new_key_values)
+            self.remember_key_values(new_memory, new_key_values)
         return h[:, :steps].transpose(0, 1), (new_memory, in_episode)
 
     def weight_versions(self) -> list[int]:
         """In-place change counters of the layers' weights (autograd's own): an optimizer step raises them."""
         return [parameter._version for parameter in self.layer_parameters]
 
-    def cached_key_values(self, memory: torch.Tensor, versions: list[int]) -> list[torch.Tensor] | None:
-        """The keys and values of `memory` per layer, if the last rollout step returned this very memory and
-        no weight has changed since (`versions` are the weights' now); else None."""
-        if self.rollout_cache is None:
-            return None
-        cached_memory, cached_versions, key_values = self.rollout_cache
-        return key_values if cached_memory is memory and cached_versions == versions else None
+    # The cache is Python bookkeeping (object identity, version counters): under --compile these two run
+    # eagerly between the compiled pieces, so no graph tests it and one graph serves a hit and a miss
+    @torch.compiler.disable
+    def memory_key_values(self, memory: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, [B, 1 + M, 2 * inner]: a slot the step drops, then the keys and values of the M inputs
+        in `memory`. The last rollout step's window if it returned this very memory and no weight has changed
+        since, else projected now (a state from elsewhere: the first step after an update, the time-limit
+        bootstrap's, a replay's); the same shape and strides either way, so a compiled graph serves both."""
+        if self.rollout_cache is not None:
+            cached_memory, cached_versions, key_values = self.rollout_cache
+            if cached_memory is memory and cached_versions == self.weight_versions():
+                return key_values
+        layer_inputs = zip(self.layers, memory.unbind(1), strict=True)
+        return [nn.functional.pad(layer.key_values(inputs), (0, 0, 1, 0)) for layer, inputs in layer_inputs]
+
+    @torch.compiler.disable
+    def remember_key_values(self, memory: torch.Tensor, key_values: list[torch.Tensor]):
+        self.rollout_cache = (memory, self.weight_versions(), key_values)
 
 
 # >>> shared: agent

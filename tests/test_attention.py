@@ -61,7 +61,8 @@ def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(scrip
     themselves are checked against one whole call above); after an optimizer step, or from a state the last
     call did not return, the whole window is projected again."""
     agent, obs, starts, actions = windowed_batch(attention_module(script), device, MEMORY_LENGTHS[1])
-    whole_window, layers = MEMORY_LENGTHS[1] + 1, len(agent.trunk.layers)
+    layers = len(agent.trunk.layers)
+    own_step, whole_window = [1] * layers, [MEMORY_LENGTHS[1]] * layers + [1] * layers  # the memory, then the step
     projected = []  # the number of steps each layer's key/value projection was given
     for layer in agent.trunk.layers:
         layer.key_value.register_forward_hook(lambda _, inputs, output: projected.append(inputs[0].shape[1]))
@@ -73,17 +74,17 @@ def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(scrip
     states = [agent.initial_state(ENVS, device)]
     for t in range(4):
         states.append(step(states[-1], t)[1])
-        assert projected == [whole_window if t == 0 else 1] * layers, t
+        assert projected == (whole_window if t == 0 else own_step), t
     # An Adam step after a training call changes the weights in place: the cache must not serve the old keys
     before = copy.deepcopy(agent)
     agent.get_value(obs, agent.initial_state(ENVS, device), starts)[0].square().mean().backward()
     torch.optim.Adam(agent.parameters(), lr=1e-2).step()
     after, later = step(states[4], 4)
-    assert projected == [whole_window] * layers
+    assert projected == whole_window
     step(later, 5)  # rebuilt under the new weights
-    assert projected == [1] * layers
+    assert projected == own_step
     step(states[2], 2)  # an older state: not the memory the cache holds
-    assert projected == [whole_window] * layers
+    assert projected == whole_window
     agent.trunk.rollout_cache = None
     torch.testing.assert_close(after, step(states[4], 4)[0], atol=1e-6, rtol=0)
     old = outputs(before, obs[4:5], states[4], starts[4:5], actions[4:5])[0]

@@ -52,10 +52,10 @@ def test_compile_runs_our_scripts_compiled_and_names_those_that_refuse(monkeypat
     assert peers.run_ours("ppo_mamba2.py", "memory-symbolic", ["--compile"]) == {"sps": 1.0, "rollout_sps": 2.0}
     assert calls[0][1] == [*peers.PPO_FLAGS["memory-symbolic"], "--compile"]
     command = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--configs", "memory-symbolic", "--compile"]
-    command += ["--entries", "ppo_mlp.py", "ppo_lstm.py", "ppo_trxl.py"]
+    command += ["--entries", "ppo_mlp.py", "ppo_lstm.py", "ppo_trxl.py", "ppo_gru.py"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 2
-    assert "--compile: ppo_lstm.py, ppo_trxl.py refuse it" in result.stderr.splitlines()[-1]
+    assert "--compile: ppo_lstm.py, ppo_gru.py refuse it" in result.stderr.splitlines()[-1]
 
 
 def test_report_gives_each_ratio_against_its_target(capsys):

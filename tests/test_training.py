@@ -256,8 +256,9 @@ def tensors(outputs) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("script", COMPILING, ids=lambda path: path.stem)
 def test_the_compiled_agent_computes_what_the_eager_one_does(script):
-    """torch.compile's fused code (inductor) against eager: the rollout step's outputs and state, and a
-    training pass's PPO loss, its logged statistics and every gradient, over sequences with starts inside."""
+    """torch.compile's fused code (inductor) against eager: three rollout steps' outputs and states (the
+    attention trunks' key/value cache hit in both), and a training pass's PPO loss, its logged statistics and
+    every gradient, over sequences with starts inside."""
     module = load(script)
     args = module.parse_args(DOMAINS["minigrid-symbolic"])  # MemoryS11's sizes and trunk settings
     env = module.make_env(args, 0, "")()
@@ -275,11 +276,19 @@ def test_the_compiled_agent_computes_what_the_eager_one_does(script):
     starts = (torch.rand(num_steps, num_envs) < 0.2).float()
     actions = torch.randint(env.action_space.n, (num_steps, num_envs))
     state = agent.initial_state(num_envs, torch.device("cpu"))
-    with torch.inference_mode():
-        eager_step = agent.get_action_and_value(obs[:1], state, starts[:1], actions[:1])
-        compiled_step = compiled(obs[:1], state, starts[:1], actions[:1])
-    for eager, fused in zip(tensors(eager_step), tensors(compiled_step), strict=True):
-        torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    chains = []  # three rollout steps each, every one from the state the step before returned
+    for step_fn in (agent.get_action_and_value, compiled):
+        chain, step_state = [], state
+        with torch.inference_mode():
+            for t in range(3):
+                chain.append(step_fn(obs[t : t + 1], step_state, starts[t : t + 1], actions[t : t + 1]))
+                step_state = chain[-1][-1]
+                if hasattr(agent.trunk, "rollout_cache"):  # the attention trunks: the next step reuses it
+                    assert agent.trunk.rollout_cache[0] is step_state[0]
+        chains.append(chain)
+    for eager_step, compiled_step in zip(*chains, strict=True):
+        for eager, fused in zip(tensors(eager_step), tensors(compiled_step), strict=True):
+            torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
     # the training pass as --compile runs it: the whole PPO loss compiled (and the agent inside it)
     logprobs, advantages, values, returns = torch.randn(4, num_steps, num_envs).unbind(0)
     inputs = (obs, state, starts, actions, logprobs.clamp(max=-0.1), advantages, values, returns)
