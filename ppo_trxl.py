@@ -724,14 +724,14 @@ class Trunk(nn.Module):
         self.kernel = "block-local attention, one batched call per layer"
         heads = torch.arange(1, args.num_heads + 1)
         self.register_buffer("slopes", 2.0 ** (-8.0 * heads / args.num_heads), persistent=False)
-        self.windows = {}  # (block, device) -> the ALiBi scores and the out-of-window mask of a block
+        self.windows = {}  # (block, device) -> a block's ALiBi scores, -inf outside its window
         self.rollout_cache = None  # the last rollout step's memory, weight versions and keys and values
         # Listed once, as the optimizer holds them: walking the modules costs 0.1 ms, at every rollout step
         self.layer_parameters = list(self.layers.parameters())
 
-    def window(self, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def window(self, block: int, device: torch.device) -> torch.Tensor:
         """Query i of a block attends to key j of its window at distance M + i - j (query time minus key
-        time): ALiBi's score [heads, block, M + block] and whether the key is later or more than M steps
+        time): ALiBi's score [heads, block, M + block], -inf where the key is later or more than M steps
         earlier."""
         if torch.compiler.is_compiling():  # built inside the graph: a dict filled there would be guarded on
             return self.build_window(block, device)
@@ -739,11 +739,11 @@ class Trunk(nn.Module):
             self.windows[block, device] = self.build_window(block, device)
         return self.windows[block, device]
 
-    def build_window(self, block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def build_window(self, block: int, device: torch.device) -> torch.Tensor:
         distance = self.memory_length + torch.arange(block, device=device)[:, None]
         distance = distance - torch.arange(self.memory_length + block, device=device)
         outside = (distance < 0) | (distance > self.memory_length)
-        return -self.slopes[:, None, None] * distance, outside
+        return (-self.slopes[:, None, None] * distance).masked_fill(outside, -math.inf)
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         memory = torch.zeros(num_envs, len(self.layers), self.memory_length, self.output_size, device=device)
@@ -764,15 +764,16 @@ class Trunk(nn.Module):
         # Episode index of every key: memory slot j holds the input from M - j steps before step 0, and
         # belongs to step 0's episode (index 0) if it is among the last `in_episode`; a start moves the index
         # on by one.
+        # The indices are floats (exact up to 2^24) for the compiled kernels: on AVX2 CPUs inductor compares
+        # 64-bit integers several times slower, and it recomputes this mask inside every layer's softmax.
         slots = torch.arange(memory_length, device=x.device)
-        memory_episode = torch.where(slots >= memory_length - in_episode[:, None], 0, -1)
-        step_episode = nn.functional.pad(starts.T.long(), (0, padding)).cumsum(1)  # [B, T + padding]
+        memory_episode = torch.where(slots >= memory_length - in_episode[:, None], 0.0, -1.0)
+        step_episode = nn.functional.pad(starts.T, (0, padding)).cumsum(1)  # [B, T + padding]
         key_episode = torch.cat([memory_episode, step_episode], 1).unfold(1, memory_length + block, block)
         query_episode = step_episode.view(envs, blocks, block)
-        # Built once per block size: the rollout's (1) and training's (M)
-        alibi, outside = self.window(block, x.device)
-        blocked = outside | (query_episode[..., None] != key_episode[:, :, None])
-        scores_bias = torch.where(blocked[:, :, None], -math.inf, alibi)
+        window = self.window(block, x.device)  # built once per block size: the rollout's (1) and training's (M)
+        other_episode = query_episode[..., None] != key_episode[:, :, None]
+        scores_bias = torch.where(other_episode[:, :, None], -math.inf, window)
         scores_bias = scores_bias.flatten(0, 1)  # [B * blocks, heads, block, M + block]
 
         # A rollout step (one step, no gradient) projects only its own input to keys and values; the memory's
