@@ -771,7 +771,7 @@ class Trunk(nn.Module):
         step_episode = nn.functional.pad(starts.T, (0, padding)).cumsum(1)  # [B, T + padding]
         key_episode = torch.cat([memory_episode, step_episode], 1).unfold(1, memory_length + block, block)
         query_episode = step_episode.view(envs, blocks, block)
-        window = self.window(block, x.device)  # built once per block size: the rollout's (1) and training's (M)
+        window = self.window(block, x.device)  # built once per block size (rollout: 1, training: M)
         other_episode = query_episode[..., None] != key_episode[:, :, None]
         scores_bias = torch.where(other_episode[:, :, None], -math.inf, window)
         scores_bias = scores_bias.flatten(0, 1)  # [B * blocks, heads, block, M + block]

@@ -91,6 +91,26 @@ def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(scrip
     assert (after - old).abs().max() > 1e-4  # the Adam step changed what this state gives
 
 
+@pytest.mark.parametrize("block", [1, 3])
+def test_a_window_scores_alibi_inside_and_minus_infinity_outside(script, block):
+    """Query i of a block and key j of its M + block keys are M + i - j steps apart: head h scores the key
+    -slope_h x distance if it is not later and at most M steps back, and -inf otherwise (the rollout's block is
+    one step, training's M)."""
+    module = attention_module(script)
+    memory_length = 3
+    args = module.parse_args([*DOMAINS["classic"], "--memory-length", str(memory_length), "--num-heads", "2"])
+    trunk = module.Trunk(8, args)
+    window = trunk.window(block, torch.device("cpu"))
+    assert window.shape == (2, block, memory_length + block)
+    for head, slope in enumerate(trunk.slopes.tolist()):
+        for query in range(block):
+            for key in range(memory_length + block):
+                distance = memory_length + query - key
+                expected = -slope * distance if 0 <= distance <= memory_length else -float("inf")
+                assert window[head, query, key].item() == pytest.approx(expected), (head, query, key)
+    assert trunk.window(block, torch.device("cpu")) is window, "built once per block size"
+
+
 def test_state_size_is_fixed_by_the_memory_length_alone(script, device):
     module = attention_module(script)
     agent, obs, starts, actions = windowed_batch(module, device, MEMORY_LENGTHS[0])
