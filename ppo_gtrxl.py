@@ -809,8 +809,8 @@ class Trunk(nn.Module):
         # Episode index of every key: memory slot j holds the input from M - j steps before step 0, and
         # belongs to step 0's episode (index 0) if it is among the last `in_episode`; a start moves the index
         # on by one.
-        # The indices are floats (exact up to 2^24) for the compiled kernels: on AVX2 CPUs inductor compares
-        # 64-bit integers several times slower, and it recomputes this mask inside every layer's softmax.
+        # Floats (exact up to 2^24), and a float window: compiled, inductor rebuilds this mask inside every
+        # layer's softmax, and with 64-bit integer indices and a bool window it took 2.5x as long (AVX2)
         slots = torch.arange(memory_length, device=x.device)
         memory_episode = torch.where(slots >= memory_length - in_episode[:, None], 0.0, -1.0)
         step_episode = nn.functional.pad(starts.T, (0, padding)).cumsum(1)  # [B, T + padding]
