@@ -84,8 +84,8 @@ class Args:
     cuda: bool = True
     """if toggled, cuda will be used when available"""
     torch_threads: int | None = None
-    """CPU threads for torch; default 1 for vector and symbolic observations (their layers are too small to
-    gain from splitting), torch's own default (one per core) for images"""
+    """CPU threads for torch; default 1 for vector and symbolic observations, so that runs go one per core (a
+    second thread made one run 0.95-1.3x as fast on 2 cores); torch's own default (one per core) for images"""
     compile: bool = False
     """compile the agent's rollout step and the PPO loss with torch.compile before training starts, and
     step Adam fused (seconds to minutes on a CPU: summary.json's compile_s, outside its steps/s); results
