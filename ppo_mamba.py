@@ -180,13 +180,17 @@ class Args:
     """N: SSM state size per inner channel (Mamba's d_state; the table: 8 for vector observations, else 16)"""
     conv_size: int = 4
     """width of the causal depthwise convolution (Mamba's d_conv)"""
+    scan: str = "auto"
+    """auto or torch. auto runs the selective scan on a CPU in this file's C++ loop (built on the first
+    run, about 30 s, where a C++ compiler is found; else torch, saying why), on a GPU and under --compile in
+    torch; torch runs it in torch everywhere (bit for bit the scan of the runs made before the C++ loop)"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
 
 ARCH = "mamba"
 TRUNK_SIZE_FIELDS = ("hidden_size", "num_layers", "expand", "state_size", "conv_size")
-TRUNK_CHOICE_FIELDS = {}  # trunk flags with a fixed set of values: name -> the values
+TRUNK_CHOICE_FIELDS = {"scan": ("auto", "torch")}  # trunk flags with a fixed set of values
 TRUNK_RANGE_FIELDS = ()  # trunk flags that are (low, high) ranges of positive numbers
 TRUNK_FINITE_FIELDS = ()  # trunk flags that take any finite number
 NO_COMPILE = None  # why --compile is refused for this trunk; None: it compiles and gains
@@ -672,6 +676,178 @@ def causal_conv(x: torch.Tensor, window: torch.Tensor, conv: nn.Conv1d, starts: 
     return out, (padded[last:] * keep).transpose(0, 1)
 
 
+# The selective scan as one C++ loop per (environment, channel), the state in registers and exp vectorised
+# over its entries. Written by hand because no library runs this recurrence on the CPU (mamba-ssm's is
+# CUDA-only); tested equal to SelectiveScan below in float64 and to finite differences.
+CPU_SCAN_SOURCE = r"""
+#include <torch/extension.h>
+#include <math.h>
+#include <vector>
+
+constexpr int64_t MAX_STATE = 256;
+template <typename F> using In = const F* __restrict__;
+template <typename F> using Out = F* __restrict__;
+// The state size as a compile-time constant where it is a common one (SIZE > 0), so that the loops over it
+// are vectorised whole (a runtime 8 left them to the scalar remainder of 16-wide loops), else `state_size`.
+template <int64_t SIZE> using Size = std::integral_constant<int64_t, SIZE>;
+template <typename Run> void with_state_size(int64_t state_size, Run run) {
+  if (state_size == 8) run(Size<8>{});
+  else if (state_size == 16) run(Size<16>{});
+  else run(Size<0>{});
+}
+
+// h_t = keep_t exp(dt_t A) h_{t-1} + dt_t x_t B_t and y_t = C_t . h_t. x, dt [T, N, D]; A [D, S];
+// B, C [T, N, S]; keep [T, N]; h0 [N, D, S]. Writes y [T, N, D] and the states h_0 .. h_{T-1} [T, N, D, S].
+template <typename F, int64_t SIZE>
+void forward_loop(In<F> x, In<F> dt, In<F> A, In<F> B, In<F> C, In<F> keep, In<F> h0, Out<F> y, Out<F> states,
+                  int64_t T, int64_t N, int64_t D, int64_t state_size) {
+  const int64_t S = SIZE > 0 ? SIZE : state_size;
+  at::parallel_for(0, N * D, 1, [&](int64_t begin, int64_t end) {
+    F h[MAX_STATE], decay[MAX_STATE];
+    for (int64_t nd = begin; nd < end; ++nd) {
+      const int64_t n = nd / D, d = nd % D;
+      In<F> a = A + d * S;
+      for (int64_t s = 0; s < S; ++s) h[s] = h0[nd * S + s];
+      for (int64_t t = 0; t < T; ++t) {
+        const int64_t i = (t * N + n) * D + d, row = (t * N + n) * S;
+        const F step = dt[i], input = step * x[i], k = keep[t * N + n];
+#pragma omp simd
+        for (int64_t s = 0; s < S; ++s) decay[s] = exp(step * a[s]) * k;
+        F out = 0;
+#pragma omp simd reduction(+ : out)
+        for (int64_t s = 0; s < S; ++s) {
+          h[s] = decay[s] * h[s] + input * B[row + s];
+          states[i * S + s] = h[s];
+          out += h[s] * C[row + s];
+        }
+        y[i] = out;
+      }
+    }
+  });
+}
+
+// Backward in time from dL/dh_{T-1} = grad_final, the decay recomputed. One environment per task, so the sums
+// over channels (grad_B, grad_C) and over environments (grad_A, kept per environment) never share a thread.
+template <typename F, int64_t SIZE>
+void backward_loop(In<F> grad_y, In<F> grad_final, In<F> x, In<F> dt, In<F> A, In<F> B, In<F> C, In<F> keep,
+                   In<F> h0, In<F> states, Out<F> grad_x, Out<F> grad_dt, Out<F> grad_A, Out<F> grad_B,
+                   Out<F> grad_C, Out<F> grad_h0, int64_t T, int64_t N, int64_t D, int64_t state_size) {
+  const int64_t S = SIZE > 0 ? SIZE : state_size;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    F g[MAX_STATE], decay[MAX_STATE];
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t nd = n * D + d;
+        In<F> a = A + d * S;
+        Out<F> ga = grad_A + nd * S;
+        for (int64_t s = 0; s < S; ++s) g[s] = grad_final[nd * S + s];
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t i = (t * N + n) * D + d, row = (t * N + n) * S;
+          const F step = dt[i], input = step * x[i], k = keep[t * N + n], gy = grad_y[i];
+          In<F> h = states + i * S;
+          In<F> before = t > 0 ? states + (i - N * D) * S : h0 + nd * S;  // h_{t-1}
+#pragma omp simd
+          for (int64_t s = 0; s < S; ++s) decay[s] = exp(step * a[s]) * k;
+          F grad_dtA = 0, grad_input = 0;
+#pragma omp simd reduction(+ : grad_dtA, grad_input)
+          for (int64_t s = 0; s < S; ++s) {
+            grad_C[row + s] += gy * h[s];
+            const F grad_h = g[s] + gy * C[row + s];  // dL/dh_t
+            const F through_decay = grad_h * before[s] * decay[s];  // dL/d(dt_t A_s)
+            grad_dtA += through_decay * a[s];
+            ga[s] += through_decay * step;
+            grad_input += grad_h * B[row + s];  // dL/d(dt_t x_t)
+            grad_B[row + s] += grad_h * input;
+            g[s] = grad_h * decay[s];  // dL/dh_{t-1} through this step
+          }
+          grad_x[i] = grad_input * step;
+          grad_dt[i] = grad_dtA + grad_input * x[i];
+        }
+        for (int64_t s = 0; s < S; ++s) grad_h0[nd * S + s] = g[s];
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> scan_forward(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
+                                        torch::Tensor C, torch::Tensor keep, torch::Tensor h0) {
+  const int64_t T = x.size(0), N = x.size(1), D = x.size(2), S = A.size(1);
+  TORCH_CHECK(S <= MAX_STATE, "the CPU scan takes a state size up to ", MAX_STATE, ", got ", S);
+  auto y = torch::empty({T, N, D}, x.options()), states = torch::empty({T, N, D, S}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scan_forward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    with_state_size(S, [&](auto size) {
+      forward_loop<scalar_t, size()>(p(x), p(dt), p(A), p(B), p(C), p(keep), p(h0), p(y), p(states),
+                                     T, N, D, S);
+    });
+  });
+  return {y, states};
+}
+
+std::vector<torch::Tensor> scan_backward(torch::Tensor grad_y, torch::Tensor grad_final, torch::Tensor x,
+                                         torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                                         torch::Tensor keep, torch::Tensor h0, torch::Tensor states) {
+  const int64_t T = x.size(0), N = x.size(1), D = x.size(2), S = A.size(1);
+  auto grad_x = torch::empty_like(x), grad_dt = torch::empty_like(x), grad_h0 = torch::empty_like(h0);
+  auto grad_A = torch::zeros({N, D, S}, x.options());
+  auto grad_B = torch::zeros_like(B), grad_C = torch::zeros_like(C);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scan_backward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    with_state_size(S, [&](auto size) {
+      backward_loop<scalar_t, size()>(p(grad_y), p(grad_final), p(x), p(dt), p(A), p(B), p(C), p(keep), p(h0),
+                                      p(states), p(grad_x), p(grad_dt), p(grad_A), p(grad_B), p(grad_C),
+                                      p(grad_h0), T, N, D, S);
+    });
+  });
+  return {grad_x, grad_dt, grad_A.sum(0), grad_B, grad_C, grad_h0};
+}
+"""
+
+
+def cpu_scan_kernel():
+    """This file's C++ scan (a module with scan_forward and scan_backward), built the first time on this CPU
+    type (about 30 s; torch caches the build), or None and why. -ffast-math (when compiling only: the
+    process's float mode stays as it is) lets gcc call glibc's vectorised exp; the build's name holds the
+    instruction set, so one cache can serve mixed nodes."""
+    from torch.utils.cpp_extension import load_inline
+
+    capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...
+    isa_flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mfma"]}
+    name, tic = f"ppo_mamba_cpu_scan_{capability.lower()}", time.time()
+    try:
+        flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
+        functions = ["scan_forward", "scan_backward"]
+        kernel = load_inline(name, cpp_sources=CPU_SCAN_SOURCE, functions=functions, extra_cflags=flags)
+        if time.time() - tic > 5:  # a build, not the cached module
+            print(f"built the CPU selective scan {name} in {time.time() - tic:.0f} s (cached for later runs)")
+        return kernel, None
+    except Exception as error:  # no compiler or no ninja: the torch scan does the same work
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        return None, f"the CPU scan did not build ({type(error).__name__}: {first_line})"
+
+
+class CpuSelectiveScan(torch.autograd.Function):
+    """SelectiveScan's arguments and results from the C++ loops (`kernel`: `cpu_scan_kernel`'s module). Eager
+    only: under torch.compile the torch scan runs, which the compiler fuses (as an operator inside compiled
+    graphs this loop made whole runs slower, docs/performance.md)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, keep, initial_state, kernel):
+        inputs = [t.contiguous() for t in (x, dt, A, B, C, keep, initial_state)]
+        y, states = kernel.scan_forward(*inputs)
+        ctx.kernel = kernel
+        ctx.save_for_backward(*inputs, states)
+        return y, states[-1]
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_final):
+        *inputs, states = ctx.saved_tensors
+        grad_x, grad_dt, grad_A, grad_B, grad_C, grad_h0 = ctx.kernel.scan_backward(
+            grad_y.contiguous(), grad_final.contiguous(), *inputs, states
+        )
+        return grad_x, grad_dt, grad_A, grad_B, grad_C, None, grad_h0, None
+
+
 class SelectiveScan(torch.autograd.Function):
     """Mamba's selective scan (Gu and Dao 2023, Algorithm 2) with exact episode starts, forward and backward.
 
@@ -746,14 +922,18 @@ class MambaMixer(nn.Module):
         window = torch.zeros(num_envs, self.conv.kernel_size[0] - 1, self.conv.in_channels, device=device)
         return window, torch.zeros(num_envs, *self.A_log.shape, device=device)
 
-    def forward(self, u: torch.Tensor, state, starts: torch.Tensor):
+    def forward(self, u: torch.Tensor, state, starts: torch.Tensor, cpu_kernel=None):
         window, ssm_state = state
         x, z = self.in_proj(u).chunk(2, -1)
         x, window = causal_conv(x, window, self.conv, starts)
         x = nn.functional.silu(x)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.A_log.shape[1], self.A_log.shape[1]], -1)
         dt = nn.functional.softplus(self.dt_proj(dt))
-        y, ssm_state = SelectiveScan.apply(x, dt, -self.A_log.exp(), B, C, 1.0 - starts, ssm_state)
+        scan_inputs = (x, dt, -self.A_log.exp(), B, C, 1.0 - starts, ssm_state)
+        if cpu_kernel is not None and x.device.type == "cpu":
+            y, ssm_state = CpuSelectiveScan.apply(*scan_inputs, cpu_kernel)
+        else:
+            y, ssm_state = SelectiveScan.apply(*scan_inputs)
         y = (y + x * self.D) * nn.functional.silu(z)
         return self.out_proj(y), (window, ssm_state)
 
@@ -764,9 +944,10 @@ class Trunk(nn.Module):
     The state of each layer (convolution window, SSM state) restarts from zero at every episode start, in
     the rollout (one step per call) and in training (whole rollout sequences from the state stored at the
     rollout's start, starts anywhere inside): the convolution masks the taps that reach across a start and
-    the scan sets the decay into a start to zero. The scan is always this file's PyTorch one: mamba-ssm's
-    CUDA scan (`selective_scan_fn`) takes neither an initial state nor resets inside a sequence, so it could
-    not be exact here.
+    the scan sets the decay into a start to zero. The scan is this file's: on a CPU its C++ loop (`--scan
+    auto`; 1.7-2.0x faster gradient steps than the torch loops at the table's sizes), else the torch loops,
+    which torch.compile fuses. mamba-ssm's CUDA scan (`selective_scan_fn`) takes neither an initial state nor
+    resets inside a sequence, so it could not be exact here.
     """
 
     def __init__(self, input_size: int, args: Args):
@@ -777,6 +958,14 @@ class Trunk(nn.Module):
         self.output_size = input_size
         self.state_reset = not args.no_state_reset
         self.kernel = "torch selective scan (one loop over time each way, hand-written backward)"
+        self.cpu_kernel = None  # the C++ scan's module, on a CPU with --scan auto
+        if args.scan == "auto" and not (args.cuda and torch.cuda.is_available()):
+            self.cpu_kernel, why_torch = cpu_scan_kernel()
+            if why_torch:
+                print(f"--scan auto: {why_torch}; using the torch scan", file=sys.stderr)
+                self.kernel += f"; {why_torch}"
+            else:
+                self.kernel = "C++ selective scan on the CPU (the torch scan under --compile)"
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(convolution windows [num_envs, layers, K - 1, inner], SSM states [num_envs, layers, inner, N])."""
@@ -786,9 +975,11 @@ class Trunk(nn.Module):
     def forward(self, x: torch.Tensor, state, starts: torch.Tensor):
         """x [T, B, input_size], starts [T, B] -> y [T, B, input_size], state after step T - 1."""
         starts = starts.long() if self.state_reset else torch.zeros_like(starts, dtype=torch.long)
+        cpu_kernel = None if torch.compiler.is_compiling() else self.cpu_kernel  # compiled: the loops fuse
         windows, ssm_states = [], []
         for layer, (norm, mixer) in enumerate(zip(self.norms, self.mixers, strict=True)):
-            out, (window, ssm_state) = mixer(norm(x), (state[0][:, layer], state[1][:, layer]), starts)
+            layer_state = (state[0][:, layer], state[1][:, layer])
+            out, (window, ssm_state) = mixer(norm(x), layer_state, starts, cpu_kernel)
             x = x + out
             windows.append(window)
             ssm_states.append(ssm_state)

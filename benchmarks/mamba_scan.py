@@ -1,11 +1,13 @@
 """Forward + backward of the Mamba trunks' recurrences over one training minibatch, against autograd through a
-per-step loop: why ppo_mamba.py's scan has a hand-written backward and ppo_mamba2.py has no loop at all.
+per-step loop: why ppo_mamba.py's scan has a hand-written backward (and, on the CPU, a C++ loop) and
+ppo_mamba2.py has no loop at all.
 
 Each row times the recurrence alone (inputs already projected), T = 128 steps, episode starts with probability
 0.03, float32, on whatever device is given:
 
 - Mamba (x [T, E, D], A [D, S]): autograd through `h = decay_t * h + input_t` iterated with `unbind`, against
-  `SelectiveScan` (one loop each way, hand-written backward);
+  `SelectiveScan` (one torch loop each way, hand-written backward) and, on the CPU, the C++ scan that
+  `--scan auto` runs (`cpu_scan_kernel`);
 - Mamba-2 (x [T, E, H, P], scalar A per head): autograd through the same per-step loop, against `ssd` (chunked,
   no loop over steps).
 
@@ -40,6 +42,14 @@ def mamba_loop(x, dt, A, B, C, starts, state):
 def mamba_scan(x, dt, A, B, C, starts, state):
     y, h = MAMBA.SelectiveScan.apply(x, dt, A, B, C, (~starts).float(), state)
     (y.sum() + h.sum()).backward()
+
+
+def mamba_cpu_scan(kernel):
+    def run(x, dt, A, B, C, starts, state):
+        y, h = MAMBA.CpuSelectiveScan.apply(x, dt, A, B, C, (~starts).float(), state, kernel)
+        (y.sum() + h.sum()).backward()
+
+    return run
 
 
 def mamba2_loop(x, dt, A, B, C, starts, state):
@@ -77,6 +87,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     options = parser.parse_args()
     device = torch.device(options.device)
+    cpu_kernel = None
+    if device.type == "cpu":
+        cpu_kernel, why_torch = MAMBA.cpu_scan_kernel()
+        if why_torch:
+            print(why_torch)
     steps = 128
     print("| trunk | envs | state per env | autograd loop ms | ours ms | speed-up |\n|---|---|---|---|---|---|")
     for envs in (8, 16):
@@ -89,6 +104,10 @@ def main():
                       starts, torch.zeros(envs, inner, state_size, device=device))  # fmt: skip
             slow, fast = (timed(f, inputs, device, options.repeats) for f in (mamba_loop, mamba_scan))
             print(f"| Mamba | {envs} | {inner} x {state_size} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x |")
+            if cpu_kernel is not None:
+                fast = timed(mamba_cpu_scan(cpu_kernel), inputs, device, options.repeats)
+                row = f"| Mamba, C++ scan | {envs} | {inner} x {state_size} | {slow:.1f} | {fast:.1f}"
+                print(f"{row} | {slow / fast:.1f}x |")
         heads, head_size, state_size = 5, 32, 16  # classic control's defaults
         inputs = (leaf(steps, envs, heads, head_size, device=device),
                   leaf(steps, envs, heads, device=device, positive=True),

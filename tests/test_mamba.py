@@ -1,6 +1,7 @@
-"""Mamba and Mamba-2 trunks (ppo_mamba.py, ppo_mamba2.py): the scan, the SSD and the convolution against a
-step-by-step float64 recurrence with starts anywhere and a warm initial state, gradients through starts, the
-backend choice, and the mamba-ssm kernel against the torch path where CUDA and mamba-ssm exist."""
+"""Mamba and Mamba-2 trunks (ppo_mamba.py, ppo_mamba2.py): the scans (torch and C++), the SSD and the
+convolution against a step-by-step float64 recurrence with starts anywhere and a warm initial state, gradients
+through starts, the scan and backend choices, and the mamba-ssm kernel against the torch path where CUDA and
+mamba-ssm exist."""
 
 import dataclasses
 import json
@@ -60,8 +61,22 @@ def scan_inputs(inner: int = 6, state_size: int = 5):
     return x, dt, A, B, C, initial
 
 
-def test_selective_scan_equals_the_recurrence():
-    scan = load(MAMBA).SelectiveScan.apply
+def selective_scan(name: str):
+    """Mamba's scan as the trunk calls it: the torch loops, or the C++ loops of this machine's build."""
+    module = load(MAMBA)
+    if name == "torch":
+        return module.SelectiveScan.apply
+    kernel, why_torch = module.cpu_scan_kernel()
+    assert kernel is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
+    return lambda *inputs: module.CpuSelectiveScan.apply(*inputs, kernel)
+
+
+SCANS = ["torch", "cpu"]
+
+
+@pytest.mark.parametrize("name", SCANS)
+def test_selective_scan_equals_the_recurrence(name):
+    scan = selective_scan(name)
     x, dt, A, B, C, initial = scan_inputs()
     starts = episode_starts()
     expected_y, expected_state = recurrence(x, dt, torch.exp(dt[..., None] * A), B, C, starts, initial)
@@ -70,9 +85,10 @@ def test_selective_scan_equals_the_recurrence():
     torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-12)
 
 
-def test_selective_scan_gradients_equal_autograd_through_the_recurrence():
+@pytest.mark.parametrize("name", SCANS)
+def test_selective_scan_gradients_equal_autograd_through_the_recurrence(name):
     """The scan's backward is written by hand: every gradient against autograd through the step-by-step loop."""
-    scan = load(MAMBA).SelectiveScan.apply
+    scan = selective_scan(name)
     inputs = [t.requires_grad_() for t in scan_inputs()]
     keep = (~episode_starts()).double()
 
@@ -85,6 +101,63 @@ def test_selective_scan_gradients_equal_autograd_through_the_recurrence():
     got = torch.autograd.grad(loss(*scan(x, dt, A, B, C, keep, initial)), inputs)
     for name, e, g in zip(["x", "dt", "A", "B", "C", "initial_state"], expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def test_cpu_scan_gradients_equal_finite_differences():
+    scan, keep = selective_scan("cpu"), (~episode_starts()).double()
+    x, dt, A, B, C, initial = [t.requires_grad_() for t in scan_inputs(inner=3, state_size=2)]
+    assert torch.autograd.gradcheck(lambda *a: scan(*a[:5], keep, a[5]), (x, dt, A, B, C, initial))
+
+
+def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan():
+    """The C++ loop vectorises its sums in float32 (reassociated): at MemoryS11's sizes it must still agree with
+    the torch loops to float32 rounding, forward and backward, starts and a warm state included."""
+    torch.manual_seed(0)
+    steps, envs, inner, state_size = 128, 2, 208, 16
+    x = torch.randn(steps, envs, inner)
+    dt = torch.nn.functional.softplus(torch.randn(steps, envs, inner) - 2)
+    A = -torch.arange(1, state_size + 1.0).repeat(inner, 1)
+    B, C = torch.randn(2, steps, envs, state_size)
+    keep = (torch.rand(steps, envs) > 0.05).float()
+    initial = torch.randn(envs, inner, state_size)
+    inputs = [t.requires_grad_() for t in (x, dt, A, B, C)] + [keep, initial.requires_grad_()]
+    weights = torch.randn(steps, envs, inner), torch.randn(envs, inner, state_size)
+    results = {}
+    for name in SCANS:
+        y, state = selective_scan(name)(*inputs)
+        loss = (y * weights[0]).sum() + (state * weights[1]).sum()
+        wrt = [t for t in inputs if t.requires_grad]
+        results[name] = [y, state, *torch.autograd.grad(loss, wrt)]
+    names = ["y", "state", "x", "dt", "A", "B", "C", "initial"]
+    for name, torch_result, cpu_result in zip(names, *results.values(), strict=True):
+        scale = torch_result.abs().max()
+        torch.testing.assert_close(cpu_result / scale, torch_result / scale, rtol=0, atol=1e-5, msg=name)
+
+
+def test_trunk_with_the_cpu_scan_equals_the_trunk_with_the_torch_scan():
+    """`--scan auto` (the C++ loop on a CPU) and `--scan torch`, the same weights: the same outputs, state and
+    weight gradients to float32 rounding, in training (starts inside) and in the rollout (one step)."""
+    module = load(MAMBA)
+    trunks, results = {}, {}
+    for scan in ("auto", "torch"):
+        args = module.parse_args([*DOMAINS["minigrid-symbolic"], "--scan", scan])
+        torch.manual_seed(0)
+        trunks[scan] = module.Trunk(args.hidden_size, args)
+    assert trunks["auto"].kernel.startswith("C++ selective scan")
+    assert trunks["torch"].kernel.startswith("torch selective scan")
+    torch.manual_seed(1)
+    x = torch.randn(64, ENVS, args.hidden_size)
+    starts = torch.zeros(64, ENVS)
+    starts[[0, 10, 11, 63], [0, 1, 1, 2]] = 1
+    initial = [part.normal_() for part in trunks["auto"].initial_state(ENVS, torch.device("cpu"))]
+    for scan, trunk in trunks.items():
+        y, state = trunk(x, initial, starts)
+        (y.square().mean() + sum(part.square().mean() for part in state)).backward()
+        with torch.inference_mode():
+            step, _ = trunk(x[:1], initial, starts[:1])
+        results[scan] = [y, *state, step, *(p.grad for p in trunk.parameters())]
+    for auto_result, torch_result in zip(*results.values(), strict=True):
+        torch.testing.assert_close(auto_result, torch_result, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
@@ -192,11 +265,19 @@ def test_initialisation_flags_set_dt_a_and_d():
 
 
 def test_mamba1_offers_no_backend_it_cannot_run():
-    """No mamba-ssm kernel can run Mamba-1 exactly (its scan takes no initial state and no resets): no flag."""
+    """No mamba-ssm kernel can run Mamba-1 exactly (its scan takes no initial state and no resets): no flag for
+    one; `--scan` picks this file's C++ loop or its torch loops, nothing else."""
     module = load(MAMBA)
     assert "mamba_backend" not in {field.name for field in dataclasses.fields(module.Args)}
-    args = module.parse_args(DOMAINS["classic"])
+    assert module.TRUNK_CHOICE_FIELDS == {"scan": ("auto", "torch")}
+    args = module.parse_args([*DOMAINS["classic"], "--scan", "torch"])
     assert module.Trunk(args.hidden_size, args).kernel.startswith("torch selective scan")
+
+
+def test_unknown_scan_is_bad_input(tmp_path):
+    result = run_script(MAMBA, "--scan", "cuda", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("--scan must be one of auto, torch, got 'cuda'")
 
 
 def test_tf32_off_restores_the_global_flags():
