@@ -828,8 +828,8 @@ def cpu_scan_kernel():
 
 class CpuSelectiveScan(torch.autograd.Function):
     """SelectiveScan's arguments and results from the C++ loops (`kernel`: `cpu_scan_kernel`'s module). Eager
-    only: under torch.compile the torch scan runs, which the compiler fuses (as an operator inside compiled
-    graphs this loop made whole runs slower, docs/performance.md)."""
+    only: under torch.compile the torch scan runs, which the compiler fuses (called as an operator from the
+    compiled graphs, this loop made whole runs 0.80-0.96x as fast on a 2-core CPU)."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, keep, initial_state, kernel):
