@@ -274,6 +274,19 @@ def test_mamba1_offers_no_backend_it_cannot_run():
     assert module.Trunk(args.hidden_size, args).kernel.startswith("torch selective scan")
 
 
+def test_scan_auto_without_a_compiler_falls_back_to_the_torch_scan_and_says_why(monkeypatch, capsys):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'ppo_mamba_cpu_scan': g++: not found")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", no_compiler)
+    module = load(MAMBA)
+    args = module.parse_args(DOMAINS["classic"])
+    trunk = module.Trunk(args.hidden_size, args)
+    why = "the CPU scan did not build (RuntimeError: Error building extension 'ppo_mamba_cpu_scan': g++: not found)"
+    assert trunk.cpu_kernel is None and trunk.kernel.startswith("torch selective scan") and trunk.kernel.endswith(why)
+    assert capsys.readouterr().err.strip() == f"--scan auto: {why}; using the torch scan"
+
+
 def test_unknown_scan_is_bad_input(tmp_path):
     result = run_script(MAMBA, "--scan", "cuda", cwd=tmp_path)
     assert result.returncode == 2
