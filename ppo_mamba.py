@@ -684,7 +684,7 @@ CPU_SCAN_SOURCE = r"""
 #include <math.h>
 #include <vector>
 
-constexpr int64_t MAX_STATE = 256;
+constexpr int64_t MAX_STATE = 256;  // CPU_SCAN_MAX_STATE: the Trunk sends larger states to the torch scan
 template <typename F> using In = const F* __restrict__;
 template <typename F> using Out = F* __restrict__;
 // The state size as a compile-time constant where it is a common one (SIZE > 0), so that the loops over it
@@ -802,6 +802,9 @@ std::vector<torch::Tensor> scan_backward(torch::Tensor grad_y, torch::Tensor gra
   return {grad_x, grad_dt, grad_A.sum(0), grad_B, grad_C, grad_h0};
 }
 """
+
+
+CPU_SCAN_MAX_STATE = 256  # the C++ loop keeps a state in a fixed array of this size (MAX_STATE)
 
 
 def cpu_scan_kernel():
@@ -960,7 +963,11 @@ class Trunk(nn.Module):
         self.kernel = "torch selective scan (one loop over time each way, hand-written backward)"
         self.cpu_kernel = None  # the C++ scan's module, on a CPU with --scan auto
         if args.scan == "auto" and not (args.cuda and torch.cuda.is_available()):
-            self.cpu_kernel, why_torch = cpu_scan_kernel()
+            if args.state_size > CPU_SCAN_MAX_STATE:
+                why_torch = f"the C++ scan takes a state size up to {CPU_SCAN_MAX_STATE}"
+                why_torch += f", got {args.state_size}"
+            else:
+                self.cpu_kernel, why_torch = cpu_scan_kernel()
             if why_torch:
                 print(f"--scan auto: {why_torch}; using the torch scan", file=sys.stderr)
                 self.kernel += f"; {why_torch}"

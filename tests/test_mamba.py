@@ -287,6 +287,16 @@ def test_scan_auto_without_a_compiler_falls_back_to_the_torch_scan_and_says_why(
     assert capsys.readouterr().err.strip() == f"--scan auto: {why}; using the torch scan"
 
 
+def test_a_state_too_large_for_the_cpu_scan_takes_the_torch_scan_and_says_why(capsys):
+    module = load(MAMBA)
+    state_size = module.CPU_SCAN_MAX_STATE + 1
+    args = module.parse_args([*DOMAINS["classic"], "--state-size", str(state_size)])
+    trunk = module.Trunk(args.hidden_size, args)
+    why = f"the C++ scan takes a state size up to {module.CPU_SCAN_MAX_STATE}, got {state_size}"
+    assert trunk.cpu_kernel is None and trunk.kernel.endswith(why)
+    assert capsys.readouterr().err.strip() == f"--scan auto: {why}; using the torch scan"
+
+
 def test_unknown_scan_is_bad_input(tmp_path):
     result = run_script(MAMBA, "--scan", "cuda", cwd=tmp_path)
     assert result.returncode == 2
