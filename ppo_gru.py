@@ -171,13 +171,17 @@ class Args:
     # <<< shared: args
 
     # Trunk
+    gru_backend: str = "auto"
+    """auto or torch. auto runs the GRU on a CPU in this file's C++ loops over time (built on the first
+    run, about 25 s, where a C++ compiler is found; else nn.GRU, saying why), on a GPU in nn.GRU (cuDNN);
+    torch runs nn.GRU everywhere (bit for bit the runs made before the C++ loops)"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
 
 ARCH = "gru"
 TRUNK_SIZE_FIELDS = ("hidden_size",)
-TRUNK_CHOICE_FIELDS = {}  # trunk flags with a fixed set of values: name -> the values
+TRUNK_CHOICE_FIELDS = {"gru_backend": ("auto", "torch")}  # trunk flags with a fixed set of values
 TRUNK_RANGE_FIELDS = ()  # trunk flags that are (low, high) ranges of positive numbers
 TRUNK_FINITE_FIELDS = ()  # trunk flags that take any finite number
 # why --compile is refused for this trunk (None: it compiles and gains)
@@ -636,6 +640,171 @@ def make_encoder(obs_space: gym.spaces.Box, args: Args) -> nn.Module:
     # <<< shared: encoders
 
 
+# The GRU's recurrence as C++ loops on the CPU, forward and the gradient through h backward, one loop over
+# time for a whole sequence with its episode starts (a start multiplies h by 0): where nn.GRU's CPU cell costs
+# about 20 us a step at these sizes and exact resets need a call per start time. Written by hand because no
+# library runs a small GRU's steps without that per-step overhead; tested equal to nn.GRU in float64 and to
+# finite differences.
+CPU_KERNEL_SOURCE = r"""
+#include <torch/extension.h>
+#include <math.h>
+#include <vector>
+
+template <typename F> using In = const F* __restrict__;
+template <typename F> using Out = F* __restrict__;
+
+
+// out[j] = start[j] + sum_i v[i] rows[i][j] for j < width (rows [count, width], row-major): a vector-matrix
+// product that keeps 64 outputs in registers while it runs down the rows, then stores them (a store per
+// multiply-add would bound it).
+template <typename F>
+void vector_matrix(In<F> v, In<F> rows, In<F> start, F* out, int64_t count, int64_t width) {
+  constexpr int64_t BLOCK = 64;
+  int64_t j0 = 0;
+  for (; j0 + BLOCK <= width; j0 += BLOCK) {
+    F acc[BLOCK];
+    for (int64_t j = 0; j < BLOCK; ++j) acc[j] = start[j0 + j];
+    for (int64_t i = 0; i < count; ++i) {
+      const F vi = v[i];
+      In<F> w = rows + i * width + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < BLOCK; ++j) acc[j] += vi * w[j];
+    }
+    for (int64_t j = 0; j < BLOCK; ++j) out[j0 + j] = acc[j];
+  }
+  if (j0 == width) return;
+  F acc[BLOCK];
+  const int64_t rest = width - j0;
+  for (int64_t j = 0; j < rest; ++j) acc[j] = start[j0 + j];
+  for (int64_t i = 0; i < count; ++i) {
+    const F vi = v[i];
+    In<F> w = rows + i * width + j0;
+#pragma omp simd
+    for (int64_t j = 0; j < rest; ++j) acc[j] += vi * w[j];
+  }
+  for (int64_t j = 0; j < rest; ++j) out[j0 + j] = acc[j];
+}
+
+// nn.GRU's step, PyTorch's gate order (r, z, n), over a sequence with episode starts: for each step t and
+// environment b, h = keep_t h (zero at a start), gh = W_hh h + b_hh, r = sigmoid(gi_r + gh_r),
+// z = sigmoid(gi_z + gh_z), n = tanh(gi_n + r gh_n), h = n + z (h - n). gi [T, B, 3H] (W_ih x + b_ih,
+// computed before for all steps); w_hh_t [H, 3H] (W_hh transposed, so that W_hh h is a sum of rows,
+// vectorised over the 3H gates); b_hh [3H]; keep [T, B]; h0 [B, H]. Writes y [T, B, H].
+template <typename F>
+void gru_forward_loop(In<F> gi, In<F> w_hh_t, In<F> b_hh, In<F> keep, In<F> h0, Out<F> y, int64_t T,
+                      int64_t B, int64_t H) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    const int64_t envs = end - begin, G = 3 * H;
+    std::vector<F> h(envs * H), gh(envs * G);
+    std::copy(h0 + begin * H, h0 + end * H, h.begin());
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t e = 0; e < envs; ++e) {
+        const F k = keep[t * B + begin + e];
+        for (int64_t j = 0; j < H; ++j) h[e * H + j] *= k;
+        vector_matrix<F>(h.data() + e * H, w_hh_t, b_hh, gh.data() + e * G, H, G);
+      }
+      for (int64_t e = 0; e < envs; ++e) {
+        In<F> x = gi + (t * B + begin + e) * G;
+        In<F> g = gh.data() + e * G;
+        F* he = h.data() + e * H;
+        Out<F> out = y + (t * B + begin + e) * H;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          const F r = 1 / (1 + exp(-(x[j] + g[j])));
+          const F z = 1 / (1 + exp(-(x[H + j] + g[H + j])));
+          const F n = tanh(x[2 * H + j] + r * g[2 * H + j]);
+          he[j] = n + z * (he[j] - n);
+          out[j] = he[j];
+        }
+      }
+    }
+  });
+}
+
+// The gradient through h, back in time: grad_h_t = grad_y_t + carried, dgh_t = grad_h_t * dgh_per_dh_t (the
+// r, z and n blocks), carried = keep_t (grad_h_t * z_t + dgh_t W_hh). dgh_per_dh [T, B, 3, H]; z [T, B, H];
+// w_hh [3H, H]. Writes grad_h [T, B, H] and grad_h0 [B, H] (the last carried).
+template <typename F>
+void gru_backward_loop(In<F> grad_y, In<F> dgh_per_dh, In<F> z, In<F> keep, In<F> w_hh, Out<F> grad_h,
+                       Out<F> grad_h0, int64_t T, int64_t B, int64_t H) {
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    const int64_t envs = end - begin, G = 3 * H;
+    std::vector<F> carried(envs * H, 0), dgh(envs * G);
+    for (int64_t t = T - 1; t >= 0; --t) {
+      for (int64_t e = 0; e < envs; ++e) {
+        const int64_t row = t * B + begin + e;
+        Out<F> gh = grad_h + row * H;
+        In<F> per_dh = dgh_per_dh + row * G;
+        In<F> zt = z + row * H;
+        F* c = carried.data() + e * H;
+        F* d = dgh.data() + e * G;
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) {
+          gh[j] = grad_y[row * H + j] + c[j];
+          d[j] = gh[j] * per_dh[j];
+          d[H + j] = gh[j] * per_dh[H + j];
+          d[2 * H + j] = gh[j] * per_dh[2 * H + j];
+          c[j] = gh[j] * zt[j];
+        }
+      }
+      for (int64_t e = 0; e < envs; ++e) {
+        F* c = carried.data() + e * H;
+        vector_matrix<F>(dgh.data() + e * G, w_hh, c, c, G, H);
+        const F k = keep[t * B + begin + e];
+        for (int64_t j = 0; j < H; ++j) c[j] *= k;
+      }
+    }
+    std::copy(carried.begin(), carried.end(), grad_h0 + begin * H);
+  });
+}
+
+torch::Tensor gru_forward(torch::Tensor gi, torch::Tensor w_hh_t, torch::Tensor b_hh, torch::Tensor keep,
+                          torch::Tensor h0) {
+  const int64_t T = gi.size(0), B = gi.size(1), H = h0.size(1);
+  auto y = torch::empty({T, B, H}, gi.options());
+  AT_DISPATCH_FLOATING_TYPES(gi.scalar_type(), "gru_forward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    gru_forward_loop<scalar_t>(p(gi), p(w_hh_t), p(b_hh), p(keep), p(h0), p(y), T, B, H);
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> gru_backward(torch::Tensor grad_y, torch::Tensor dgh_per_dh, torch::Tensor z,
+                                        torch::Tensor keep, torch::Tensor w_hh) {
+  const int64_t T = grad_y.size(0), B = grad_y.size(1), H = grad_y.size(2);
+  auto grad_h = torch::empty_like(grad_y), grad_h0 = torch::empty({B, H}, grad_y.options());
+  AT_DISPATCH_FLOATING_TYPES(grad_y.scalar_type(), "gru_backward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    gru_backward_loop<scalar_t>(p(grad_y), p(dgh_per_dh), p(z), p(keep), p(w_hh), p(grad_h), p(grad_h0), T, B,
+                                H);
+  });
+  return {grad_h, grad_h0};
+}
+"""
+
+
+def cpu_kernels():
+    """This file's C++ loops (a module with gru_forward and gru_backward), built the first time on this CPU
+    type (about 25 s; torch caches the build), or None and why. -ffast-math (when compiling only: the
+    process's float mode stays as it is) lets gcc call glibc's vectorised exp and tanh; the build's name
+    holds the instruction set, so one cache can serve mixed nodes."""
+    from torch.utils.cpp_extension import load_inline
+
+    capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...
+    isa_flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mfma"]}
+    name, tic = f"ppo_gru_cpu_{capability.lower()}", time.time()
+    try:
+        flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
+        functions = ["gru_forward", "gru_backward"]
+        kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
+        if time.time() - tic > 5:  # a build, not the cached module
+            print(f"built the C++ GRU loops {name} in {time.time() - tic:.0f} s (cached for later runs)")
+        return kernels, None
+    except Exception as error:  # no compiler or no ninja: nn.GRU does the same work
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        return None, f"the C++ loops did not build ({type(error).__name__}: {first_line})"
+
+
 class Trunk(nn.Module):
     """One `nn.GRU` layer whose state h [num_envs, hidden_size] is zeroed at every episode start.
 
@@ -647,7 +816,9 @@ class Trunk(nn.Module):
     3-59x on the H200. Padding the episode segments into one call is up to 1.8x faster on the CPU and 11x on
     the H200 when episodes are short, but it leaves the returned state after the padding; exactness first,
     so this one method serves both devices (an exact padded path for CUDA is still to be written). On the
-    CPU, training takes its gradient from `GRUBackward` below instead of autograd through the pieces.
+    CPU, training takes its gradient from `GRUBackward` below instead of autograd through the pieces, and with
+    `--gru-backend auto` the steps run in this file's C++ loops instead of nn.GRU: one call per sequence
+    whatever its starts, the same GRU (tested equal), gradient steps 1.9-2.7x as fast at the table's sizes.
     """
 
     def __init__(self, input_size: int, args: Args):
@@ -660,12 +831,20 @@ class Trunk(nn.Module):
                 nn.init.orthogonal_(param, 1.0)
         self.output_size = args.hidden_size
         self.state_reset = not args.no_state_reset
+        self.cpu_kernels, self.why_torch = None, None
+        if args.gru_backend == "auto" and not (args.cuda and torch.cuda.is_available()):
+            self.cpu_kernels, self.why_torch = cpu_kernels()
+            if self.why_torch:
+                print(f"--gru-backend auto: {self.why_torch}; using nn.GRU", file=sys.stderr)
 
     @property
     def kernel(self) -> str:
         if self.rnn.weight_hh_l0.is_cuda:
             return "nn.GRU split at starts (cuDNN)"
-        return "nn.GRU split at starts (CPU), hand-written backward"
+        if self.cpu_kernels is not None:
+            return "C++ GRU loops on the CPU, hand-written backward"
+        reason = f"; auto backend: {self.why_torch}" if self.why_torch else ""
+        return f"nn.GRU split at starts (CPU), hand-written backward{reason}"
 
     def initial_state(self, num_envs: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(num_envs, self.output_size, device=device)
@@ -675,10 +854,20 @@ class Trunk(nn.Module):
         if not self.state_reset:
             starts = torch.zeros_like(starts)
         if x.is_cuda or not torch.is_grad_enabled():
-            y = self.pieces(x, state, starts)
+            y = self.sequence(x, state, starts)
         else:
             y = GRUBackward.apply(x, state, starts, self, *self.rnn.parameters())
         return y, y[-1]
+
+    def sequence(self, x: torch.Tensor, state: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """The outputs over the sequence (the last one is the final state): the C++ loop on a CPU where it
+        built, else nn.GRU piece by piece."""
+        if self.cpu_kernels is None or x.is_cuda:
+            return self.pieces(x, state, starts)
+        rnn, (num_steps, num_envs) = self.rnn, starts.shape
+        gi = torch.addmm(rnn.bias_ih_l0, x.reshape(num_steps * num_envs, -1), rnn.weight_ih_l0.t())
+        inputs = (gi.view(num_steps, num_envs, -1), rnn.weight_hh_l0.t(), rnn.bias_hh_l0, 1 - starts, state)
+        return self.cpu_kernels.gru_forward(*(t.to(x.dtype).contiguous() for t in inputs))
 
     def pieces(self, x: torch.Tensor, state: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """The outputs of `nn.GRU` run piece by piece between start times; the last one is the final state."""
@@ -693,25 +882,27 @@ class Trunk(nn.Module):
 
 
 class GRUBackward(torch.autograd.Function):
-    """`Trunk.pieces` forward (the same values), with the gradient of the whole sequence written by hand.
+    """`Trunk.sequence` forward (the same values), with the gradient of the whole sequence written by hand.
 
     On the CPU, autograd records nn.GRU's cell op by op and replays a dozen tiny ops per time step backward,
     which made the backward 3x the forward for 2 environments x 128 steps. Here the gates of every step are
     recomputed at once from the saved inputs and outputs, only the gradient through h runs step by step
-    (4 ops a step), and the weight gradients are one matmul each over all steps: 2-3x faster forward and
-    backward (2 x 128 steps, 76 units, one CPU thread). Written by hand because no library has a faster CPU
-    GRU backward; it is tested equal to autograd through nn.GRU (float64) and to finite differences.
+    (4 ops a step, or the C++ loop), and the weight gradients are one matmul each over all steps: 2-3x
+    faster forward and backward (2 x 128 steps, 76 units, one CPU thread). Written by hand because no library
+    has a faster CPU GRU backward; it is tested equal to autograd through nn.GRU (float64) and to finite
+    differences.
     PyTorch's gate order (r, z, n): r, z = sigmoid(gi + gh), n = tanh(gi_n + r * gh_n), h' = n + z (h - n),
     with gi = W_ih x + b_ih, gh = W_hh h + b_hh, and h zeroed where an episode starts.
     """
 
     @staticmethod
     def forward(ctx, x, state, starts, trunk, w_ih, w_hh, b_ih, b_hh):
-        y = trunk.pieces(x, state, starts)
+        y = trunk.sequence(x, state, starts)
         keep = (1.0 - starts)[..., None]
         h_before = torch.cat([state[None], y[:-1]]) * keep  # the state each step starts from
         ctx.save_for_backward(x, keep, h_before, w_ih, w_hh, b_ih, b_hh)
         ctx.reset_steps = set(torch.nonzero(starts.any(1)).flatten().tolist())
+        ctx.kernels = trunk.cpu_kernels
         return y
 
     @staticmethod
@@ -726,21 +917,32 @@ class GRUBackward(torch.autograd.Function):
         # d gh [T, B, 3, hidden] per unit of d h', for the r, z and n blocks
         dgh_r, dgh_z = dn_pre * gh[..., 2 * hidden :] * r * (1 - r), (h_before - n) * z * (1 - z)
         dgh_per_dh = torch.stack([dgh_r, dgh_z, dn_pre * r], 2)
-        grad_h = torch.empty_like(h_before)  # d loss / d h' at every step, through y and through later steps
-        carried = torch.zeros_like(h_before[0])
-        steps = zip(grad_y.unbind(0), grad_h.unbind(0), dgh_per_dh.unbind(0), z.unbind(0), keep.unbind(0), strict=True)
-        for t, (grad_y_t, grad_h_t, dgh_per_dh_t, z_t, keep_t) in reversed(list(enumerate(steps))):
-            torch.add(grad_y_t, carried, out=grad_h_t)
-            dgh_t = torch.mul(grad_h_t.unsqueeze(1), dgh_per_dh_t).view(num_envs, -1)
-            carried = torch.addmm(grad_h_t * z_t, dgh_t, w_hh)
-            if t in ctx.reset_steps:
-                carried = carried * keep_t
+        # d loss / d h' at every step (through y and through later steps) and d loss / d state
+        if ctx.kernels is not None:
+            inputs = (grad_y, dgh_per_dh, z, keep[..., 0], w_hh)
+            grad_h, carried = ctx.kernels.gru_backward(*(t.contiguous() for t in inputs))
+        else:
+            grad_h, carried = gradient_through_h(grad_y, dgh_per_dh, z, keep, w_hh, ctx.reset_steps)
         dgh = (grad_h.unsqueeze(2) * dgh_per_dh).view(num_steps * num_envs, -1)
         dgi = torch.cat([dgh[:, : 2 * hidden], (grad_h * dn_pre).view(num_steps * num_envs, -1)], 1)
         grad_x = (dgi @ w_ih).view_as(x)
         grad_w_ih = dgi.t() @ x.reshape(num_steps * num_envs, -1)
         grad_w_hh = dgh.t() @ h_before.reshape(num_steps * num_envs, -1)
         return grad_x, carried, None, None, grad_w_ih, grad_w_hh, dgi.sum(0), dgh.sum(0)
+
+
+def gradient_through_h(grad_y, dgh_per_dh, z, keep, w_hh, reset_steps: set[int]):
+    """GRUBackward's step loop in torch (4 ops a step): the C++ loop's `gru_backward` does the same."""
+    grad_h = torch.empty_like(grad_y)
+    carried = torch.zeros_like(grad_y[0])
+    steps = zip(grad_y.unbind(0), grad_h.unbind(0), dgh_per_dh.unbind(0), z.unbind(0), keep.unbind(0), strict=True)
+    for t, (grad_y_t, grad_h_t, dgh_per_dh_t, z_t, keep_t) in reversed(list(enumerate(steps))):
+        torch.add(grad_y_t, carried, out=grad_h_t)
+        dgh_t = torch.mul(grad_h_t.unsqueeze(1), dgh_per_dh_t).view(len(z_t), -1)
+        carried = torch.addmm(grad_h_t * z_t, dgh_t, w_hh)
+        if t in reset_steps:
+            carried = carried * keep_t
+    return grad_h, carried
 
 
 # >>> shared: agent

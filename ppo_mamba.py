@@ -932,7 +932,7 @@ class MambaMixer(nn.Module):
         x = nn.functional.silu(x)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.A_log.shape[1], self.A_log.shape[1]], -1)
         dt = nn.functional.softplus(self.dt_proj(dt))
-        scan_inputs = (x, dt, -self.A_log.exp(), B, C, 1.0 - starts, ssm_state)
+        scan_inputs = (x, dt, -self.A_log.exp(), B, C, (1 - starts).to(x.dtype), ssm_state)
         if cpu_kernel is not None and x.device.type == "cpu":
             y, ssm_state = CpuSelectiveScan.apply(*scan_inputs, cpu_kernel)
         else:

@@ -5,9 +5,10 @@ symbols), passed through `num_layers` Mamba-2 blocks (Dao and Gu, "Transformers 
 and Efficient Algorithms Through Structured State Space Duality", arXiv 2405.21060), and read out by a policy
 head and a value head. Each block's state (its convolution window and its SSM state) restarts from zero at
 every episode start, in the rollout (one step per call) and in training (whole rollout sequences replayed
-from the state stored at the rollout's start, starts anywhere inside), with the SSD computed in chunks and no
-loop over time steps; the paper we reproduce trained its Mamba-2 without either, so memory leaked across
-episodes (`--no-state-reset` reproduces that, for ablation). `--mamba-backend cuda` uses mamba-ssm's kernel.
+from the state stored at the rollout's start, starts anywhere inside); the paper we reproduce trained its
+Mamba-2 without either, so memory leaked across episodes (`--no-state-reset` reproduces that, for ablation).
+On a CPU the convolution and the SSD run in this file's C++ loops (built at the first run), elsewhere in
+torch (the SSD in chunks, no loop over time steps); `--mamba-backend cuda` uses mamba-ssm's kernel.
 Reference: Smirnov and Gu, "RLBenchNet: The Right Network for the Right Reinforcement Learning Task"
 (arXiv 2505.15040); the PPO details follow CleanRL's `ppo.py`, `ppo_atari_lstm.py` and
 `ppo_continuous_action.py`.
@@ -196,8 +197,11 @@ class Args:
     """after the blocks, a residual ReLU MLP (width -> width / 2 -> width) before the final norm, as in the
     paper's Mamba-2 policy (its post_mamba_mlp): a nonlinear read of the blocks' output for the heads"""
     mamba_backend: str = "auto"
-    """auto, torch or cuda. auto is the torch path (as fast as the kernel over 128-step rollouts on an H200);
-    cuda runs mamba-ssm's kernel on a CUDA device where mamba-ssm imports, else torch, saying why"""
+    """auto, torch or cuda. auto runs the convolution and the SSD on a CPU in this file's C++ loops (built on
+    the first run, about 30 s, where a C++ compiler is found; else torch, saying why), on a GPU and under
+    --compile in torch (as fast as mamba-ssm's kernel over 128-step rollouts on an H200); torch runs the torch
+    path everywhere (bit for bit the runs made before the C++ loops); cuda runs mamba-ssm's kernel on a CUDA
+    device where mamba-ssm imports, else torch, saying why"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
@@ -767,6 +771,343 @@ def ssd(x, dt, A, B, C, starts, initial_state, chunk_size: int):
     return y.reshape(num_envs, chunks * length, heads, -1)[:, :steps].transpose(0, 1), final_state
 
 
+# Mamba-2's causal convolution (with its SiLU) and SSD recurrence as C++ loops on the CPU: one pass over time
+# per environment (the convolution) or per (environment, head) (the SSD, its state in the cache), exact at
+# episode starts, and one autograd node each where the torch path has dozens of small ops. Written by hand
+# because no library runs them on the CPU (mamba-ssm's kernels are CUDA-only); tested equal to `causal_conv`
+# and `ssd` in float64 and to finite differences.
+CPU_KERNEL_SOURCE = r"""
+#include <torch/extension.h>
+#include <math.h>
+#include <vector>
+
+template <typename F> using In = const F* __restrict__;
+template <typename F> using Out = F* __restrict__;
+
+// The causal depthwise convolution, then SiLU. x [T, B, C]; window [B, K - 1, C] (the K - 1 inputs before x);
+// weight [K, C] (tap k reads the input K - 1 - k steps back); starts [T, B] (1 at an episode's first step).
+// Step t reads the input `back` steps before it while back <= since(t), the steps since its episode started
+// (capped at K - 1; the window belongs to the episode of the steps before the first start).
+// The window, then x: index j < K - 1 is window[:, j], else x[j - K + 1]
+template <typename Pointer> struct Padded {
+  Pointer window, x;
+  int64_t K, B, C;
+  Pointer at(int64_t j, int64_t b) const {
+    return j < K - 1 ? window + (b * (K - 1) + j) * C : x + ((j - K + 1) * B + b) * C;
+  }
+};
+
+template <typename F> int64_t next_since(int64_t since, F start, int64_t K) {  // since(-1) is K - 2
+  return start != 0 ? 0 : std::min(since + 1, K - 1);
+}
+
+// Writes act = SiLU(pre), pre (the convolution, for the backward) and the next window: the last K - 1 inputs,
+// zero where they lie before the last step's episode.
+template <typename F>
+void conv_forward_loop(Padded<const F*> in, In<F> weight, In<F> bias, In<F> starts, Out<F> act, Out<F> pre,
+                       Out<F> next_window, int64_t T) {
+  const int64_t K = in.K, B = in.B, C = in.C;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t since = K - 2;
+      for (int64_t t = 0; t < T; ++t) {
+        since = next_since(since, starts[t * B + b], K);
+        Out<F> out = pre + (t * B + b) * C;
+        Out<F> a = act + (t * B + b) * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = bias[c];
+        for (int64_t back = 0; back <= since; ++back) {
+          In<F> v = in.at(t + K - 1 - back, b);
+          In<F> w = weight + (K - 1 - back) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) out[c] += w[c] * v[c];
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) a[c] = out[c] / (1 + exp(-out[c]));
+      }
+      for (int64_t j = 0; j < K - 1; ++j) {
+        In<F> v = in.at(T + j, b);
+        Out<F> o = next_window + (b * (K - 1) + j) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = K - 2 - j <= since ? v[c] : 0;
+      }
+    }
+  });
+}
+
+// grad_x and grad_window start at zero; grad_weight [B, K, C] and grad_bias [B, C] are kept per environment
+// (one environment per task, so no two threads add into one entry) and summed after.
+template <typename F>
+void conv_backward_loop(Padded<const F*> in, In<F> weight, In<F> starts, In<F> pre, In<F> grad_act,
+                        In<F> grad_next_window, Padded<F*> grad, Out<F> grad_weight, Out<F> grad_bias,
+                        int64_t T) {
+  const int64_t K = in.K, B = in.B, C = in.C;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> since(T);
+    std::vector<F> grad_pre(C);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t t = 0, s = K - 2; t < T; ++t) since[t] = s = next_since(s, starts[t * B + b], K);
+      for (int64_t j = 0; j < K - 1; ++j) {
+        if (K - 2 - j > since[T - 1]) continue;
+        Out<F> g = grad.at(T + j, b);
+        In<F> o = grad_next_window + (b * (K - 1) + j) * C;
+        for (int64_t c = 0; c < C; ++c) g[c] += o[c];
+      }
+      Out<F> gb = grad_bias + b * C;
+      for (int64_t t = 0; t < T; ++t) {
+        In<F> u = pre + (t * B + b) * C;
+        In<F> ga = grad_act + (t * B + b) * C;
+        Out<F> gp = grad_pre.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const F sigmoid = 1 / (1 + exp(-u[c]));
+          gp[c] = ga[c] * sigmoid * (1 + u[c] * (1 - sigmoid));  // SiLU's derivative
+          gb[c] += gp[c];
+        }
+        for (int64_t back = 0; back <= since[t]; ++back) {
+          const int64_t k = K - 1 - back;
+          In<F> v = in.at(t + k, b);
+          In<F> w = weight + k * C;
+          Out<F> g = grad.at(t + k, b);
+          Out<F> gw = grad_weight + (b * K + k) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            g[c] += gp[c] * w[c];
+            gw[c] += gp[c] * v[c];
+          }
+        }
+      }
+    }
+  });
+}
+
+// The SSD's recurrence, one (environment n, head) forward in time: h_t = keep_t exp(dt_t A) h_{t-1} +
+// dt_t x_t B_t^T ([P, S]) and y_t = h_t C_t. x [T, N, H, P]; dt [T, N, H]; A [H]; B, C [T, N, S]; keep [T, N]
+// (0 at an episode start). h [P, S] is updated in place; y (if not null) gets y_t; states (if not null) gets
+// h_0 .. h_{T-1} [T, P, S]. The state size is a compile-time constant where it is a common one (SIZE > 0),
+// so that the loops over it are vectorised whole.
+template <typename F, int64_t SIZE>
+void ssd_head(int64_t n, int64_t head, In<F> x, In<F> dt, In<F> A, In<F> B, In<F> C, In<F> keep, F* h, F* y,
+              F* states, int64_t T, int64_t N, int64_t H, int64_t P, int64_t state_size) {
+  const int64_t S = SIZE > 0 ? SIZE : state_size;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t i = (t * N + n) * H + head, row = (t * N + n) * S;
+    const F step = dt[i], decay = exp(step * A[head]) * keep[t * N + n];
+    In<F> b = B + row;
+    In<F> c = C + row;
+    for (int64_t p = 0; p < P; ++p) {
+      const F input = step * x[i * P + p];
+      F* hp = h + p * S;
+      F out = 0;
+#pragma omp simd reduction(+ : out)
+      for (int64_t s = 0; s < S; ++s) {
+        hp[s] = decay * hp[s] + input * b[s];
+        out += hp[s] * c[s];
+      }
+      if (y) y[i * P + p] = out;
+    }
+    if (states) std::copy(h, h + P * S, states + t * P * S);
+  }
+}
+
+template <int64_t SIZE> using Size = std::integral_constant<int64_t, SIZE>;
+template <typename Run> void with_state_size(int64_t state_size, Run run) {
+  if (state_size == 16) run(Size<16>{});
+  else if (state_size == 64) run(Size<64>{});
+  else run(Size<0>{});
+}
+
+template <typename F, int64_t SIZE>
+void ssd_forward_loop(In<F> x, In<F> dt, In<F> A, In<F> B, In<F> C, In<F> keep, In<F> h0, Out<F> y,
+                      Out<F> final, int64_t T, int64_t N, int64_t H, int64_t P, int64_t S) {
+  at::parallel_for(0, N * H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t nh = begin; nh < end; ++nh) {
+      std::copy(h0 + nh * P * S, h0 + (nh + 1) * P * S, final + nh * P * S);
+      ssd_head<F, SIZE>(nh / H, nh % H, x, dt, A, B, C, keep, final + nh * P * S, y, nullptr, T, N, H, P, S);
+    }
+  });
+}
+
+// Backward in time from dL/dh_{T-1} = grad_final, the states recomputed per (environment, head) into this
+// task's buffer. One environment per task, so the sums over heads (grad_B, grad_C) never share a thread;
+// grad_A is kept per (environment, head) and summed after.
+template <typename F, int64_t SIZE>
+void ssd_backward_loop(In<F> grad_y, In<F> grad_final, In<F> x, In<F> dt, In<F> A, In<F> B, In<F> C,
+                       In<F> keep, In<F> h0, Out<F> grad_x, Out<F> grad_dt, Out<F> grad_A, Out<F> grad_B,
+                       Out<F> grad_C, Out<F> grad_h0, int64_t T, int64_t N, int64_t H, int64_t P,
+                       int64_t state_size) {
+  const int64_t S = SIZE > 0 ? SIZE : state_size, PS = P * S;
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<F> states(T * PS), g(PS);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t head = 0; head < H; ++head) {
+        const int64_t nh = n * H + head;
+        std::copy(h0 + nh * PS, h0 + (nh + 1) * PS, g.begin());  // g holds h while the states are recomputed
+        ssd_head<F, SIZE>(n, head, x, dt, A, B, C, keep, g.data(), nullptr, states.data(), T, N, H, P, S);
+        std::copy(grad_final + nh * PS, grad_final + (nh + 1) * PS, g.begin());  // now dL/dh
+        F grad_a = 0;
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t i = (t * N + n) * H + head, row = (t * N + n) * S;
+          const F step = dt[i], decay = exp(step * A[head]) * keep[t * N + n];
+          In<F> h = states.data() + t * PS;
+          In<F> before = t > 0 ? states.data() + (t - 1) * PS : h0 + nh * PS;  // h_{t-1}
+          In<F> b = B + row;
+          In<F> c = C + row;
+          Out<F> gb = grad_B + row;
+          Out<F> gc = grad_C + row;
+          F grad_decay = 0, grad_step = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            const F gy = grad_y[i * P + p], input = step * x[i * P + p];
+            F grad_input = 0, grad_decay_p = 0;
+            F* gp = g.data() + p * S;
+#pragma omp simd reduction(+ : grad_input, grad_decay_p)
+            for (int64_t s = 0; s < S; ++s) {
+              gc[s] += gy * h[p * S + s];
+              const F grad_h = gp[s] + gy * c[s];  // dL/dh_t
+              grad_decay_p += grad_h * before[p * S + s];
+              grad_input += grad_h * b[s];  // dL/d(dt_t x_t)
+              gb[s] += grad_h * input;
+              gp[s] = grad_h * decay;  // dL/dh_{t-1} through this step
+            }
+            grad_x[i * P + p] = grad_input * step;
+            grad_step += grad_input * x[i * P + p];
+            grad_decay += grad_decay_p;
+          }
+          const F through_decay = grad_decay * decay;  // dL/d(dt_t A)
+          grad_dt[i] = through_decay * A[head] + grad_step;
+          grad_a += through_decay * step;
+        }
+        grad_A[nh] = grad_a;
+        std::copy(g.begin(), g.end(), grad_h0 + nh * PS);
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> conv_forward(torch::Tensor x, torch::Tensor window, torch::Tensor weight,
+                                        torch::Tensor bias, torch::Tensor starts) {
+  const int64_t T = x.size(0), B = x.size(1), C = x.size(2), K = weight.size(0);
+  auto act = torch::empty_like(x), pre = torch::empty_like(x), next_window = torch::empty_like(window);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    Padded<const scalar_t*> in{p(window), p(x), K, B, C};
+    conv_forward_loop<scalar_t>(in, p(weight), p(bias), p(starts), p(act), p(pre), p(next_window), T);
+  });
+  return {act, pre, next_window};
+}
+
+std::vector<torch::Tensor> conv_backward(torch::Tensor grad_act, torch::Tensor grad_next_window,
+                                         torch::Tensor x, torch::Tensor window, torch::Tensor weight,
+                                         torch::Tensor starts, torch::Tensor pre) {
+  const int64_t T = x.size(0), B = x.size(1), C = x.size(2), K = weight.size(0);
+  auto grad_x = torch::zeros_like(x), grad_window = torch::zeros_like(window);
+  auto grad_weight = torch::zeros({B, K, C}, x.options()), grad_bias = torch::zeros({B, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    Padded<const scalar_t*> in{p(window), p(x), K, B, C};
+    Padded<scalar_t*> grad{p(grad_window), p(grad_x), K, B, C};
+    conv_backward_loop<scalar_t>(in, p(weight), p(starts), p(pre), p(grad_act), p(grad_next_window), grad,
+                                 p(grad_weight), p(grad_bias), T);
+  });
+  return {grad_x, grad_window, grad_weight.sum(0), grad_bias.sum(0)};
+}
+
+std::vector<torch::Tensor> ssd_forward(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
+                                       torch::Tensor C, torch::Tensor keep, torch::Tensor h0) {
+  const int64_t T = x.size(0), N = x.size(1), H = x.size(2), P = x.size(3), S = B.size(2);
+  auto y = torch::empty_like(x), final = torch::empty_like(h0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_forward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    with_state_size(S, [&](auto size) {
+      ssd_forward_loop<scalar_t, size()>(p(x), p(dt), p(A), p(B), p(C), p(keep), p(h0), p(y), p(final),
+                                         T, N, H, P, S);
+    });
+  });
+  return {y, final};
+}
+
+std::vector<torch::Tensor> ssd_backward(torch::Tensor grad_y, torch::Tensor grad_final, torch::Tensor x,
+                                        torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                                        torch::Tensor keep, torch::Tensor h0) {
+  const int64_t T = x.size(0), N = x.size(1), H = x.size(2), P = x.size(3), S = B.size(2);
+  auto grad_x = torch::empty_like(x), grad_dt = torch::empty_like(dt), grad_h0 = torch::empty_like(h0);
+  auto grad_A = torch::empty({N, H}, x.options());
+  auto grad_B = torch::zeros_like(B), grad_C = torch::zeros_like(C);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "ssd_backward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    with_state_size(S, [&](auto size) {
+      ssd_backward_loop<scalar_t, size()>(p(grad_y), p(grad_final), p(x), p(dt), p(A), p(B), p(C), p(keep),
+                                          p(h0), p(grad_x), p(grad_dt), p(grad_A), p(grad_B), p(grad_C),
+                                          p(grad_h0), T, N, H, P, S);
+    });
+  });
+  return {grad_x, grad_dt, grad_A.sum(0), grad_B, grad_C, grad_h0};
+}
+"""
+
+
+def cpu_kernels():
+    """This file's C++ loops (a module with conv_forward/backward and ssd_forward/backward), built the first
+    time on this CPU type (about 30 s; torch caches the build), or None and why. -ffast-math (when compiling
+    only: the process's float mode stays as it is) lets gcc call glibc's vectorised exp; the build's name
+    holds the instruction set, so one cache can serve mixed nodes."""
+    from torch.utils.cpp_extension import load_inline
+
+    capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...
+    isa_flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mfma"]}
+    name, tic = f"ppo_mamba2_cpu_{capability.lower()}", time.time()
+    try:
+        flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
+        functions = ["conv_forward", "conv_backward", "ssd_forward", "ssd_backward"]
+        kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
+        if time.time() - tic > 5:  # a build, not the cached module
+            seconds = time.time() - tic
+            print(f"built the C++ convolution and SSD {name} in {seconds:.0f} s (cached for later runs)")
+        return kernels, None
+    except Exception as error:  # no compiler or no ninja: the torch path does the same work
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        return None, f"the C++ loops did not build ({type(error).__name__}: {first_line})"
+
+
+class CpuConvSiLU(torch.autograd.Function):
+    """SiLU(causal_conv(x, window, conv, starts)) and the next window from the C++ loops (`kernels`:
+    `cpu_kernels`'s module). Eager only: under torch.compile the torch path runs, which the compiler fuses."""
+
+    @staticmethod
+    def forward(ctx, x, window, weight, bias, starts, kernels):
+        inputs = [t.contiguous() for t in (x, window, weight[:, 0].T, starts.to(x.dtype))]  # weight [K, C]
+        act, pre, next_window = kernels.conv_forward(*inputs[:3], bias.contiguous(), inputs[3])
+        ctx.kernels = kernels
+        ctx.save_for_backward(*inputs, pre)
+        return act, next_window
+
+    @staticmethod
+    def backward(ctx, grad_act, grad_next_window):
+        grad_x, grad_window, grad_weight, grad_bias = ctx.kernels.conv_backward(
+            grad_act.contiguous(), grad_next_window.contiguous(), *ctx.saved_tensors
+        )
+        return grad_x, grad_window, grad_weight.T[:, None], grad_bias, None, None
+
+
+class CpuSSD(torch.autograd.Function):
+    """`ssd`'s arguments (keep [T, N_env]: 0 at an episode start, else 1, for starts) and results, from the
+    C++ loops (`kernels`: `cpu_kernels`'s module); the backward recomputes the states. Eager only, like
+    CpuConvSiLU."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, keep, initial_state, kernels):
+        inputs = [t.contiguous() for t in (x, dt, A, B, C, keep, initial_state)]
+        y, final_state = kernels.ssd_forward(*inputs)
+        ctx.kernels = kernels
+        ctx.save_for_backward(*inputs)
+        return y, final_state
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_final):
+        grad_x, grad_dt, grad_A, grad_B, grad_C, grad_h0 = ctx.kernels.ssd_backward(
+            grad_y.contiguous(), grad_final.contiguous(), *ctx.saved_tensors
+        )
+        return grad_x, grad_dt, grad_A, grad_B, grad_C, None, grad_h0, None
+
+
 def mamba_ssm_kernel():
     """mamba-ssm's Triton SSD kernel, or None and why (it installs only against CUDA builds of torch)."""
     try:
@@ -804,16 +1145,25 @@ class Mamba2Mixer(nn.Module):
         window = torch.zeros(num_envs, self.conv.kernel_size[0] - 1, self.conv.in_channels, device=device)
         return window, torch.zeros(num_envs, *self.shape, device=device)
 
-    def forward(self, u: torch.Tensor, state, starts: torch.Tensor, kernel=None):
+    def forward(self, u: torch.Tensor, state, starts: torch.Tensor, kernel=None, cpu_kernels=None):
+        """`kernel`: mamba-ssm's SSD on a CUDA device; `cpu_kernels`: this file's C++ loops on a CPU; neither:
+        the torch path."""
         (heads, head_size, state_size), (window, ssm_state) = self.shape, state
         inner = heads * head_size
         z, xBC, dt = self.in_proj(u).split([inner, inner + 2 * state_size, heads], -1)
-        xBC, window = causal_conv(xBC, window, self.conv, starts)
-        x, B, C = nn.functional.silu(xBC).split([inner, state_size, state_size], -1)
+        if cpu_kernels is not None:
+            conv = (self.conv.weight, self.conv.bias)
+            xBC, window = CpuConvSiLU.apply(xBC, window, *conv, starts, cpu_kernels)
+        else:
+            xBC, window = causal_conv(xBC, window, self.conv, starts)
+            xBC = nn.functional.silu(xBC)
+        x, B, C = xBC.split([inner, state_size, state_size], -1)
         x = x.unflatten(-1, (heads, head_size))
         dt = nn.functional.softplus(dt + self.dt_bias)
         A = -self.A_log.exp()
-        if kernel is None and len(u) == 1:  # the rollout's one step: the recurrence itself
+        if cpu_kernels is not None:  # one loop over time each way, in the rollout and in training alike
+            y, ssm_state = CpuSSD.apply(x, dt, A, B, C, (1 - starts).to(x.dtype), ssm_state, cpu_kernels)
+        elif kernel is None and len(u) == 1:  # the rollout's one step: the recurrence itself
             decay = torch.exp(dt[0] * A).masked_fill(starts[0, :, None].bool(), 0)
             dt_x = (dt[0, ..., None] * x[0])[..., None]
             ssm_state = torch.addcmul(decay[..., None, None] * ssm_state, dt_x, B[0, :, None, None])
@@ -845,12 +1195,15 @@ class Trunk(nn.Module):
     The state of each layer (convolution window, SSM state) restarts from zero at every episode start, in
     the rollout (one step per call) and in training (whole rollout sequences from the state stored at the
     rollout's start, starts anywhere inside): the convolution masks the taps that reach across a start and
-    the SSD sets the decay into a start to zero. No loop over time steps: the SSD is a few einsums per chunk
-    (the rollout's single step runs the recurrence itself).
-    `--mamba-backend cuda` runs mamba-ssm's `mamba_chunk_scan_combined` (seq_idx and initial_states, exact
-    resets; it computes in TF32) on a CUDA device, in the rollout and in training alike so the two agree.
-    `auto` takes the torch path: on an H200, forward and backward over 128 steps took 3.5-5.2 ms in torch
-    against 3.7-5.0 ms in the kernel, for 8 to 64 environments.
+    the SSD sets the decay into a start to zero. Three paths compute this. The torch path has no loop over
+    time steps: the SSD is a few einsums per chunk (the rollout's single step runs the recurrence itself),
+    which torch.compile fuses. On a CPU, `--mamba-backend auto` runs the convolution and the SSD in this
+    file's C++ loops instead (one autograd node each where the torch path has dozens of small ops: the trunk's
+    gradient steps 2x as fast at the table's sizes). `--mamba-backend cuda` runs mamba-ssm's
+    `mamba_chunk_scan_combined` (seq_idx and initial_states, exact resets; it computes in TF32) on a CUDA
+    device, in the rollout and in training alike so the two agree; `auto` takes the torch path there: on an
+    H200, forward and backward over 128 steps took 3.5-5.2 ms in torch against 3.7-5.0 ms in the kernel, for
+    8 to 64 environments.
     """
 
     def __init__(self, input_size: int, args: Args):
@@ -865,20 +1218,26 @@ class Trunk(nn.Module):
         self.final_norm = nn.RMSNorm(input_size, eps=1e-5)
         self.output_size = input_size
         self.state_reset = not args.no_state_reset
-        self.cuda_kernel, self.why_torch = None, None
+        self.backend, self.cuda_kernel, self.cpu_kernels = args.mamba_backend, None, None
+        self.why_torch = None
         if args.mamba_backend == "cuda":
             self.cuda_kernel, self.why_torch = mamba_ssm_kernel()
-            if self.why_torch:
-                print(f"--mamba-backend cuda: {self.why_torch}; using the torch path", file=sys.stderr)
+        elif args.mamba_backend == "auto" and not (args.cuda and torch.cuda.is_available()):
+            self.cpu_kernels, self.why_torch = cpu_kernels()
+        if self.why_torch:
+            print(f"--mamba-backend {self.backend}: {self.why_torch}; using the torch path", file=sys.stderr)
 
     def kernel_for(self, device: torch.device):
         return self.cuda_kernel if device.type == "cuda" else None
 
     @property
     def kernel(self) -> str:
-        if self.kernel_for(self.final_norm.weight.device) is not None:
+        device = self.final_norm.weight.device
+        if self.kernel_for(device) is not None:
             return "mamba-ssm mamba_chunk_scan_combined (Triton, TF32)"
-        reason = f"; cuda backend: {self.why_torch}" if self.why_torch else ""
+        if self.cpu_kernels is not None and device.type == "cpu":
+            return "C++ convolution and SSD on the CPU (the torch path under --compile)"
+        reason = f"; {self.backend} backend: {self.why_torch}" if self.why_torch else ""
         return f"torch chunked SSD (chunk {self.mixers[0].chunk_size}){reason}"
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -891,9 +1250,11 @@ class Trunk(nn.Module):
         """x [T, B, input_size], starts [T, B] -> y [T, B, input_size], state after step T - 1."""
         starts = starts.long() if self.state_reset else torch.zeros_like(starts, dtype=torch.long)
         kernel, windows, ssm_states = self.kernel_for(x.device), [], []
+        compiled = torch.compiler.is_compiling()  # the torch path, which the compiler fuses
+        cpu_kernels = self.cpu_kernels if x.device.type == "cpu" and not compiled else None
         for layer, (norm, mixer) in enumerate(zip(self.norms, self.mixers, strict=True)):
             layer_state = (state[0][:, layer], state[1][:, layer])
-            out, (window, ssm_state) = mixer(norm(x), layer_state, starts, kernel)
+            out, (window, ssm_state) = mixer(norm(x), layer_state, starts, kernel, cpu_kernels)
             x = x + out
             windows.append(window)
             ssm_states.append(ssm_state)

@@ -1,6 +1,6 @@
 """Forward + backward of the Mamba trunks' recurrences over one training minibatch, against autograd through a
 per-step loop: why ppo_mamba.py's scan has a hand-written backward (and, on the CPU, a C++ loop) and
-ppo_mamba2.py has no loop at all.
+ppo_mamba2.py's torch path has no loop at all (and, on the CPU, a C++ loop too).
 
 Each row times the recurrence alone (inputs already projected), T = 128 steps, episode starts with probability
 0.03, float32, on whatever device is given:
@@ -9,7 +9,7 @@ Each row times the recurrence alone (inputs already projected), T = 128 steps, e
   `SelectiveScan` (one torch loop each way, hand-written backward) and, on the CPU, the C++ scan that
   `--scan auto` runs (`cpu_scan_kernel`);
 - Mamba-2 (x [T, E, H, P], scalar A per head): autograd through the same per-step loop, against `ssd` (chunked,
-  no loop over steps).
+  no loop over steps) and, on the CPU, the C++ SSD that `--mamba-backend auto` runs (`cpu_kernels`).
 
     python benchmarks/mamba_scan.py                 # the CPU, classic-control sizes
     python benchmarks/mamba_scan.py --device cuda
@@ -64,6 +64,14 @@ def mamba2_ssd(x, dt, A, B, C, starts, state):
     (y.sum() + h.sum()).backward()
 
 
+def mamba2_cpu_ssd(kernels):
+    def run(x, dt, A, B, C, starts, state):
+        y, h = MAMBA2.CpuSSD.apply(x, dt, A, B, C, (~starts).float(), state, kernels)
+        (y.sum() + h.sum()).backward()
+
+    return run
+
+
 def timed(function, inputs, device, repeats: int) -> float:
     function(*inputs)  # warm-up
     if device.type == "cuda":
@@ -87,11 +95,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=20)
     options = parser.parse_args()
     device = torch.device(options.device)
-    cpu_kernel = None
+    cpu_kernel = cpu_kernels = None
     if device.type == "cpu":
-        cpu_kernel, why_torch = MAMBA.cpu_scan_kernel()
-        if why_torch:
-            print(why_torch)
+        (cpu_kernel, why_torch), (cpu_kernels, why_torch_2) = MAMBA.cpu_scan_kernel(), MAMBA2.cpu_kernels()
+        for why in (why_torch, why_torch_2):
+            if why:
+                print(why)
     steps = 128
     print("| trunk | envs | state per env | autograd loop ms | ours ms | speed-up |\n|---|---|---|---|---|---|")
     for envs in (8, 16):
@@ -117,6 +126,9 @@ def main():
         slow, fast = (timed(f, inputs, device, options.repeats) for f in (mamba2_loop, mamba2_ssd))
         size = f"{heads} x {head_size} x {state_size}"
         print(f"| Mamba-2 | {envs} | {size} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x |")
+        if cpu_kernels is not None:
+            fast = timed(mamba2_cpu_ssd(cpu_kernels), inputs, device, options.repeats)
+            print(f"| Mamba-2, C++ SSD | {envs} | {size} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x |")
     print(f"\n{torch.__version__}, {device}, {torch.get_num_threads()} threads")
 
 

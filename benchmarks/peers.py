@@ -11,6 +11,7 @@ sees the same speed.
     python benchmarks/peers.py                        # every config, 3 rounds
     python benchmarks/peers.py --configs cartpole-novel --rounds 2 --entries ppo_mlp.py sb3-ppo
     python benchmarks/peers.py --configs memory-symbolic --entries ppo_mlp.py ppo_mamba2.py --compile
+    python benchmarks/peers.py --entries ppo_mlp.py ppo_mamba2.py --variants "ppo_mamba2.py --mamba-backend torch"
 
 Configs (the PPO flags are the same for every entry in a config; network sizes are each script's own):
 - cartpole-novel: CartPoleNoVel-v1 (CartPole-v1 with observation indices 1 and 3 zeroed), 8 envs x 128
@@ -21,7 +22,9 @@ Configs (the PPO flags are the same for every entry in a config; network sizes a
   8 epochs (its defaults row). Our scripts only.
 
 The random-policy ceiling is the same wrapped vector env as `ppo_mlp.py`'s, stepped with random actions;
-the MLP's rollout phase is quoted as a share of it.
+the MLP's rollout phase is quoted as a share of it. A variant (a script with flags of its own) runs right after
+its script in every round and is reported against it and against ppo_mlp.py, with no target: the effect of a
+flag, paired by round like every other ratio.
 """
 
 import argparse
@@ -177,7 +180,8 @@ def measure(entry: str, config: str, extra_flags: list[str]) -> dict:
         command = [sys.executable, __file__, "--peer", entry, "--steps", str(PEER_STEPS[entry])]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         return json.loads(output.splitlines()[-1])
-    return run_ours(entry, config, extra_flags)
+    script, *flags = entry.split()  # a variant: the script, then its own flags
+    return run_ours(script, config, extra_flags + flags)
 
 
 def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceilings: list[float]) -> list[bool]:
@@ -197,6 +201,8 @@ def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceil
         targets = [TARGETS[entry]] if entry in TARGETS else []
         if entry in SCRIPTS[1:]:
             targets.append(("ppo_mlp.py", MEMORY_TARGET))
+        if entry.split()[0] != entry:  # a variant: against its script and the MLP, no target
+            targets = [(entry.split()[0], None), ("ppo_mlp.py", None)]
         targets = [(other, target) for other, target in targets if other in sps] or [(None, None)]
         runs = ", ".join(f"{run['sps']:,.0f}" for run in figures[entry])
         for other, target in targets:
@@ -204,6 +210,9 @@ def report(config: str, entries: list[str], figures: dict[str, list[dict]], ceil
                 print(f"| {entry} | {sps[entry]:,.0f} | {runs} | | | | |")
                 continue
             paired = ratio(entry, other)
+            if target is None:
+                print(f"| {entry} | {sps[entry]:,.0f} | {runs} | {other} | {paired:.2f}x | | |")
+                continue
             met.append(paired >= target)
             print(f"| {entry} | {sps[entry]:,.0f} | {runs} | {other} | {paired:.2f}x | {target}x | {met[-1]} |")
     for entry, peer in SAME_NETWORK.items():
@@ -231,6 +240,13 @@ def main():
     parser.add_argument("--entries", nargs="+", help="scripts and peers to run (default: all of the config's)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        metavar="'SCRIPT FLAGS'",
+        help="a script (among the entries) with flags of its own, run right after it in every round",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="our scripts run with --compile (steps/s then leaves out compiling, as summary.json's sps does); "
@@ -256,6 +272,10 @@ def main():
         refusing = [e for e in entries if options.compile and e in SCRIPTS and load_script(e[:-3]).NO_COMPILE]
         if refusing:
             parser.error(f"--compile: {', '.join(refusing)} refuse it; name the entries that take it")
+        for variant in options.variants:
+            if variant.split()[0] not in entries:
+                parser.error(f"--variants: {variant.split()[0]} is not among this run's entries")
+            entries.insert(entries.index(variant.split()[0]) + 1, variant)
         figures, ceilings = {entry: [] for entry in entries}, []
         for round_index in range(options.rounds):
             for entry in entries if round_index % 2 == 0 else entries[::-1]:

@@ -109,6 +109,12 @@ def test_cpu_scan_gradients_equal_finite_differences():
     assert torch.autograd.gradcheck(lambda *a: scan(*a[:5], keep, a[5]), (x, dt, A, B, C, initial))
 
 
+def assert_agree_to_float32_rounding(got, expected, name=None):
+    """Equal to 1e-4 relative or 1e-5 of the largest entry: the C++ loops and the torch path add in other orders."""
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
 def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan():
     """The C++ loop vectorises its sums in float32 (reassociated): at MemoryS11's sizes it must still agree with
     the torch loops to float32 rounding, forward and backward, starts and a warm state included."""
@@ -130,34 +136,146 @@ def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan():
         results[name] = [y, state, *torch.autograd.grad(loss, wrt)]
     names = ["y", "state", "x", "dt", "A", "B", "C", "initial"]
     for name, torch_result, cpu_result in zip(names, *results.values(), strict=True):
-        scale = torch_result.abs().max()
-        torch.testing.assert_close(cpu_result / scale, torch_result / scale, rtol=0, atol=1e-5, msg=name)
+        assert_agree_to_float32_rounding(cpu_result, torch_result, name)
 
 
-def test_trunk_with_the_cpu_scan_equals_the_trunk_with_the_torch_scan():
-    """`--scan auto` (the C++ loop on a CPU) and `--scan torch`, the same weights: the same outputs, state and
-    weight gradients to float32 rounding, in training (starts inside) and in the rollout (one step)."""
-    module = load(MAMBA)
+# Each script's flag for its C++ loops or its torch path, and the start of `kernel` with each
+BACKENDS = {
+    MAMBA: ("--scan", "C++ selective scan", "torch selective scan"),
+    MAMBA2: ("--mamba-backend", "C++ convolution and SSD", "torch chunked SSD"),
+}
+
+
+@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
+def test_trunk_with_the_cpu_loops_equals_the_trunk_with_the_torch_path(script):
+    """`auto` (the C++ loops on a CPU) and `torch`, the same weights, in float64: the same outputs, state and
+    weight gradients, in training (starts inside) and in the rollout (one step). (Float32 rounding: below.)"""
+    module = load(script)
+    flag, cpu_kernel, torch_kernel = BACKENDS[script]
     trunks, results = {}, {}
-    for scan in ("auto", "torch"):
-        args = module.parse_args([*DOMAINS["minigrid-symbolic"], "--scan", scan])
+    for backend in ("auto", "torch"):
+        args = module.parse_args([*DOMAINS["minigrid-symbolic"], flag, backend])
         torch.manual_seed(0)
-        trunks[scan] = module.Trunk(args.hidden_size, args)
-    assert trunks["auto"].kernel.startswith("C++ selective scan")
-    assert trunks["torch"].kernel.startswith("torch selective scan")
+        trunks[backend] = module.Trunk(args.hidden_size, args).double()
+    assert trunks["auto"].kernel.startswith(cpu_kernel)
+    assert trunks["torch"].kernel.startswith(torch_kernel)
     torch.manual_seed(1)
-    x = torch.randn(64, ENVS, args.hidden_size)
-    starts = torch.zeros(64, ENVS)
+    x = torch.randn(64, ENVS, args.hidden_size, dtype=torch.float64)
+    starts = torch.zeros(64, ENVS, dtype=torch.float64)
     starts[[0, 10, 11, 63], [0, 1, 1, 2]] = 1
-    initial = [part.normal_() for part in trunks["auto"].initial_state(ENVS, torch.device("cpu"))]
-    for scan, trunk in trunks.items():
+    initial = [part.double().normal_() for part in trunks["auto"].initial_state(ENVS, torch.device("cpu"))]
+    for backend, trunk in trunks.items():
         y, state = trunk(x, initial, starts)
         (y.square().mean() + sum(part.square().mean() for part in state)).backward()
         with torch.inference_mode():
-            step, _ = trunk(x[:1], initial, starts[:1])
-        results[scan] = [y, *state, step, *(p.grad for p in trunk.parameters())]
+            step, step_state = trunk(x[:1], initial, starts[:1])
+        results[backend] = [y, *state, step, *step_state, *(p.grad for p in trunk.parameters())]
     for auto_result, torch_result in zip(*results.values(), strict=True):
-        torch.testing.assert_close(auto_result, torch_result, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(auto_result, torch_result, rtol=1e-9, atol=1e-12)
+
+
+def mamba2_cpu_kernels():
+    """ppo_mamba2.py and its C++ loops of this machine's build."""
+    module = load(MAMBA2)
+    kernels, why_torch = module.cpu_kernels()
+    assert kernels is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
+    return module, kernels
+
+
+def ssd_inputs(state_size: int, heads: int = 2, head_size: int = 4, steps: int = STEPS, envs: int = ENVS):
+    x = torch.randn(steps, envs, heads, head_size, dtype=torch.float64)
+    dt = torch.nn.functional.softplus(torch.randn(steps, envs, heads, dtype=torch.float64))
+    A = -3 * torch.rand(heads, dtype=torch.float64)
+    B, C = torch.randn(2, steps, envs, state_size, dtype=torch.float64)
+    initial = torch.randn(envs, heads, head_size, state_size, dtype=torch.float64)
+    return x, dt, A, B, C, initial
+
+
+def weighted_gradients(outputs, weights, inputs):
+    """The gradients of a loss that weights every entry of every output differently."""
+    return torch.autograd.grad(sum((t * w).sum() for t, w in zip(outputs, weights, strict=True)), inputs)
+
+
+@pytest.mark.parametrize("state_size", [5, 16])  # 16: a state size the loops know at compile time
+def test_cpu_ssd_equals_the_recurrence_and_its_gradients_autograds(state_size):
+    module, kernels = mamba2_cpu_kernels()
+    torch.manual_seed(0)
+    inputs = [t.requires_grad_() for t in ssd_inputs(state_size)]
+    x, dt, A, B, C, initial = inputs
+    starts = episode_starts()
+    expected = recurrence(x, dt[..., None], torch.exp(dt * A)[..., None, None], B, C, starts, initial)
+    got = module.CpuSSD.apply(x, dt, A, B, C, (~starts).double(), initial, kernels)
+    for name, e, g in zip(["y", "state"], expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12, msg=name)
+    weights = [torch.randn_like(t) for t in expected]
+    expected_grads, got_grads = (weighted_gradients(outputs, weights, inputs) for outputs in (expected, got))
+    for name, e, g in zip(["x", "dt", "A", "B", "C", "initial_state"], expected_grads, got_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("steps", [1, 2, STEPS])  # 1: the rollout's step
+@pytest.mark.parametrize("taps", [1, 2, 4])
+def test_cpu_convolution_equals_the_torch_convolution_and_its_gradients(taps, steps):
+    """SiLU(causal_conv) in C++ against the torch one (itself tested step by step above), forward, next window
+    and the gradients of x, the window, the weight and the bias, in float64."""
+    module, kernels = mamba2_cpu_kernels()
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(6, 6, taps, groups=6).double()
+    x = torch.randn(steps, ENVS, 6, dtype=torch.float64, requires_grad=True)
+    window = torch.randn(ENVS, taps - 1, 6, dtype=torch.float64, requires_grad=True)
+    starts = episode_starts()[:steps].long()
+    inputs = [x, window, conv.weight, conv.bias]
+    out, next_window = module.causal_conv(x, window, conv, starts)
+    expected = [torch.nn.functional.silu(out), next_window]
+    got = module.CpuConvSiLU.apply(x, window, conv.weight, conv.bias, starts, kernels)
+    for name, e, g in zip(["output", "next window"], expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12, msg=name)
+    weights = [torch.randn_like(t) for t in expected]
+    expected_grads, got_grads = (weighted_gradients(outputs, weights, inputs) for outputs in (expected, got))
+    for name, e, g in zip(["x", "window", "weight", "bias"], expected_grads, got_grads, strict=True):
+        torch.testing.assert_close(g, e, rtol=0, atol=1e-12, msg=name)
+
+
+def test_cpu_ssd_and_convolution_gradients_equal_finite_differences():
+    module, kernels = mamba2_cpu_kernels()
+    torch.manual_seed(0)
+    keep = (~episode_starts()).double()
+    inputs = [t.requires_grad_() for t in ssd_inputs(state_size=2, heads=2, head_size=2)]
+    assert torch.autograd.gradcheck(lambda *a: module.CpuSSD.apply(*a[:5], keep, a[5], kernels), inputs)
+    conv_inputs = [torch.randn(STEPS, ENVS, 3), torch.randn(ENVS, 2, 3), torch.randn(3, 1, 3), torch.randn(3)]
+    conv_inputs = [t.double().requires_grad_() for t in conv_inputs]
+    starts = episode_starts().long()
+    assert torch.autograd.gradcheck(lambda *a: module.CpuConvSiLU.apply(*a, starts, kernels), conv_inputs)
+
+
+def test_cpu_loops_in_float32_at_the_row_size_agree_with_the_torch_path():
+    """The C++ loops vectorise their sums in float32 (reassociated): at the MemoryS11 row's sizes (7 heads of 32,
+    state 16, 256 steps, 256 convolution channels) they must still agree with the torch path to float32
+    rounding, forward and backward, starts and a warm state included."""
+    module, kernels = mamba2_cpu_kernels()
+    torch.manual_seed(0)
+    steps, envs = 256, 2
+    x, dt, A, B, C, initial = (t.float() for t in ssd_inputs(16, heads=7, head_size=32, steps=steps, envs=envs))
+    starts = torch.rand(steps, envs) < 0.02
+    conv = torch.nn.Conv1d(256, 256, 4, groups=256)
+    conv_x, window = torch.randn(steps, envs, 256), torch.randn(envs, 3, 256)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C, initial, conv_x, window)] + [conv.weight, conv.bias]
+    results = {}
+    for path in ("torch", "cpu"):
+        if path == "torch":
+            y, state = module.ssd(x, dt, A, B, C, starts, initial, chunk_size=64)
+            out, next_window = module.causal_conv(conv_x, window, conv, starts.long())
+            out = torch.nn.functional.silu(out)
+        else:
+            y, state = module.CpuSSD.apply(x, dt, A, B, C, (~starts).float(), initial, kernels)
+            out, next_window = module.CpuConvSiLU.apply(conv_x, window, conv.weight, conv.bias, starts.long(), kernels)
+        outputs = [y, state, out, next_window]
+        torch.manual_seed(2)  # the same weights for both (randn_like would follow each tensor's strides)
+        weights = [torch.randn(t.shape) for t in outputs]
+        results[path] = outputs + list(weighted_gradients(outputs, weights, leaves))
+    names = ["y", "state", "conv out", "next window", "x", "dt", "A", "B", "C", "initial", "conv x", "window"]
+    for name, torch_result, cpu_result in zip([*names, "weight", "bias"], *results.values(), strict=True):
+        assert_agree_to_float32_rounding(cpu_result, torch_result, name)
 
 
 @pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
@@ -274,17 +392,28 @@ def test_mamba1_offers_no_backend_it_cannot_run():
     assert module.Trunk(args.hidden_size, args).kernel.startswith("torch selective scan")
 
 
-def test_scan_auto_without_a_compiler_falls_back_to_the_torch_scan_and_says_why(monkeypatch, capsys):
+FALLBACKS = {  # the reason each script gives and the message it prints, where the C++ loops cannot build
+    MAMBA: ("the CPU scan did not build ({})", "--scan auto: {}; using the torch scan"),
+    MAMBA2: ("the C++ loops did not build ({})", "--mamba-backend auto: {}; using the torch path"),
+}
+
+
+@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
+def test_auto_without_a_compiler_falls_back_to_the_torch_path_and_says_why(script, monkeypatch, capsys):
+    error = "Error building extension 'ppo_mamba_cpu': g++: not found"
+
     def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension 'ppo_mamba_cpu_scan': g++: not found")
+        raise RuntimeError(error)
 
     monkeypatch.setattr("torch.utils.cpp_extension.load_inline", no_compiler)
-    module = load(MAMBA)
+    module = load(script)
     args = module.parse_args(DOMAINS["classic"])
     trunk = module.Trunk(args.hidden_size, args)
-    why = "the CPU scan did not build (RuntimeError: Error building extension 'ppo_mamba_cpu_scan': g++: not found)"
-    assert trunk.cpu_kernel is None and trunk.kernel.startswith("torch selective scan") and trunk.kernel.endswith(why)
-    assert capsys.readouterr().err.strip() == f"--scan auto: {why}; using the torch scan"
+    reason, message = FALLBACKS[script]
+    why = reason.format(f"RuntimeError: {error}")
+    assert trunk.kernel.startswith(BACKENDS[script][2]) and trunk.kernel.endswith(why)
+    assert (trunk.cpu_kernel if script == MAMBA else trunk.cpu_kernels) is None
+    assert capsys.readouterr().err.strip() == message.format(why)
 
 
 def test_a_state_too_large_for_the_cpu_scan_takes_the_torch_scan_and_says_why(capsys):

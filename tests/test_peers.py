@@ -93,3 +93,25 @@ def test_a_ratio_pairs_the_runs_of_one_round(capsys):
     table = capsys.readouterr().out
     assert "| ppo_mlp.py | 2,000 | 4,000, 2,000, 2,000 | sb3-ppo | 2.00x | 1.5x | True |" in table
     assert "2,000 steps/s, 50% of the random-policy ceiling of 8,000 steps/s" in table
+
+
+def test_a_variant_runs_its_script_with_its_flags_and_is_reported_without_a_target(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(peers, "ppo_summary", lambda *args: calls.append(args) or {"sps": 1.0, "rollout_sps": 2.0})
+    peers.measure("ppo_mamba2.py --mamba-backend torch", "cartpole-novel", [])
+    assert calls[0][0] == ROOT / "ppo_mamba2.py"
+    assert calls[0][1] == [*peers.PPO_FLAGS["cartpole-novel"], "--mamba-backend", "torch"]
+    figures = {
+        "ppo_mlp.py": [{"sps": 4000, "rollout_sps": 4000}],
+        "ppo_mamba2.py": [{"sps": 2000, "rollout_sps": 2000}],
+        "ppo_mamba2.py --mamba-backend torch": [{"sps": 1000, "rollout_sps": 1000}],
+    }
+    met = peers.report("cartpole-novel", list(figures), figures, ceilings=[8000])
+    table = capsys.readouterr().out
+    assert "| ppo_mamba2.py --mamba-backend torch | 1,000 | 1,000 | ppo_mamba2.py | 0.50x | | |" in table
+    assert "| ppo_mamba2.py --mamba-backend torch | 1,000 | 1,000 | ppo_mlp.py | 0.25x | | |" in table
+    assert met == [True, True]  # the Mamba-2 target (0.5x) and the rollout ceiling; the variant has none
+    command = [sys.executable, str(ROOT / "benchmarks" / "peers.py"), "--entries", "ppo_mlp.py"]
+    result = subprocess.run([*command, "--variants", "ppo_gru.py --num-layers 2"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "--variants: ppo_gru.py is not among this run's entries" in result.stderr.splitlines()[-1]

@@ -1,5 +1,6 @@
 """Recurrent trunks (`Trunk.rnn`, ppo_lstm.py and ppo_gru.py): training runs the kernel once per piece
-between episode starts, never once per time step, and the pieces give exactly what a per-step loop gives."""
+between episode starts, never once per time step, and the pieces give exactly what a per-step loop gives;
+ppo_gru.py's C++ loops (its default on a CPU) give what nn.GRU gives."""
 
 import pytest
 import torch
@@ -9,7 +10,9 @@ STEPS, ENVS = 128, 4
 
 
 def recurrent_trunk(module, device):
-    args = module.parse_args(DOMAINS["classic"])
+    """The script's trunk running its nn.LSTM or nn.GRU (ppo_gru.py's `--gru-backend torch`)."""
+    torch_backend = ["--gru-backend", "torch"] if hasattr(module.Args, "gru_backend") else []
+    args = module.parse_args(DOMAINS["classic"] + torch_backend)
     if not hasattr(module.Trunk(args.hidden_size, args), "rnn"):
         pytest.skip("not a recurrent trunk")
     torch.manual_seed(0)
@@ -64,21 +67,30 @@ def test_pieces_equal_a_per_step_loop_with_gradients(module, device):
         torch.testing.assert_close(pieces_part, loop_part, atol=1e-6, rtol=0)
 
 
-def test_the_gru_hand_written_backward_equals_autograd_through_nn_gru():
-    """ppo_gru.py's CPU gradient (`GRUBackward`) against autograd through the same `nn.GRU` pieces, in float64:
-    the input, the initial state and all four parameters, with episode starts inside the sequence."""
+def gru_trunk(backend: str, hidden_size: int, std: float):
+    """ppo_gru.py's trunk in float64 with random weights, running nn.GRU (torch) or the C++ loops (auto)."""
     module = load(ROOT / "ppo_gru.py")
-    args = module.parse_args(DOMAINS["classic"])
+    args = module.parse_args(DOMAINS["classic"] + ["--hidden-size", str(hidden_size), "--gru-backend", backend])
     torch.manual_seed(0)
     trunk = module.Trunk(args.hidden_size, args).double()
     for param in trunk.parameters():  # away from the zero biases of the initialisation
-        torch.nn.init.normal_(param, std=0.3)
+        torch.nn.init.normal_(param, std=std)
+    assert (trunk.cpu_kernels is not None) == (backend == "auto"), trunk.kernel  # CI's CPU has a compiler
+    return module, trunk
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_gru_hand_written_backward_equals_autograd_through_nn_gru(backend):
+    """ppo_gru.py's CPU gradient (`GRUBackward`, its step loop in torch or in C++) against autograd through the
+    same `nn.GRU` pieces, in float64: the output, the input, the initial state and all four parameters, with
+    episode starts inside the sequence; and the rollout's one step."""
+    trunk = gru_trunk(backend, hidden_size=76, std=0.3)[1]
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(STEPS, ENVS, args.hidden_size, dtype=torch.float64, generator=generator, requires_grad=True)
-    state = torch.randn(ENVS, args.hidden_size, dtype=torch.float64, generator=generator, requires_grad=True)
+    x = torch.randn(STEPS, ENVS, 76, dtype=torch.float64, generator=generator, requires_grad=True)
+    state = torch.randn(ENVS, 76, dtype=torch.float64, generator=generator, requires_grad=True)
     starts = (torch.rand(STEPS, ENVS, generator=generator) < 0.05).double()
     starts[[0, 60, 60], [1, 0, 2]] = 1  # a start at the first step, two environments starting together
-    weights = torch.randn(STEPS, ENVS, args.hidden_size, dtype=torch.float64, generator=generator)
+    weights = torch.randn(STEPS, ENVS, 76, dtype=torch.float64, generator=generator)
     inputs = [x, state, *trunk.parameters()]
 
     def loss(y, final_state):
@@ -88,20 +100,21 @@ def test_the_gru_hand_written_backward_equals_autograd_through_nn_gru():
     hand_written = torch.autograd.grad(loss(y, final_state), inputs)
     reference_y = trunk.pieces(x, state, starts)
     reference = torch.autograd.grad(loss(reference_y, reference_y[-1]), inputs)
-    torch.testing.assert_close(y, reference_y, rtol=0, atol=0)  # the forward is nn.GRU's own
+    exact = backend == "torch"  # the forward is nn.GRU's own; the C++ loop adds in its own order
+    torch.testing.assert_close(y, reference_y, rtol=0, atol=0 if exact else 1e-12)
     for grad, reference_grad in zip(hand_written, reference, strict=True):
         torch.testing.assert_close(grad, reference_grad, rtol=1e-10, atol=1e-12)
     assert state.grad is None and hand_written[1].abs().sum() > 0
+    with torch.inference_mode():  # the rollout: one step, no autograd, a start for environment 1
+        step, step_state = trunk(x[:1], state, starts[:1])
+    torch.testing.assert_close(step, trunk.pieces(x[:1], state, starts[:1]), rtol=0, atol=0 if exact else 1e-12)
+    assert torch.equal(step_state, step[0])
 
 
-def test_the_gru_hand_written_backward_passes_gradcheck():
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_the_gru_hand_written_backward_passes_gradcheck(backend):
     """Finite differences, independent of nn.GRU's autograd: a small GRU, 12 steps, starts inside."""
-    module = load(ROOT / "ppo_gru.py")
-    args = module.parse_args(DOMAINS["classic"] + ["--hidden-size", "5"])
-    torch.manual_seed(0)
-    trunk = module.Trunk(args.hidden_size, args).double()
-    for param in trunk.parameters():
-        torch.nn.init.normal_(param, std=0.5)
+    module, trunk = gru_trunk(backend, hidden_size=5, std=0.5)
     x = torch.randn(12, 3, 5, dtype=torch.float64, requires_grad=True)
     state = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
     starts = torch.zeros(12, 3, dtype=torch.float64)
@@ -110,3 +123,44 @@ def test_the_gru_hand_written_backward_passes_gradcheck():
     assert torch.autograd.gradcheck(
         lambda x, state, *params: module.GRUBackward.apply(x, state, starts, trunk, *params), (x, state, *params)
     )
+
+
+def test_the_gru_c_plus_plus_loops_agree_with_nn_gru_in_float32_at_the_memory_row_size():
+    """The loops vectorise their sums in float32: at MiniGrid-MemoryS11 symbolic's width (160), 128 steps of 2
+    environments with starts, a trunk with them and one with nn.GRU (the same weights) agree to float32
+    rounding in the outputs and every gradient."""
+    module = load(ROOT / "ppo_gru.py")
+    results = {}
+    for backend in ("torch", "auto"):
+        args = module.parse_args(DOMAINS["minigrid-symbolic"] + ["--gru-backend", backend])
+        torch.manual_seed(0)
+        trunk = module.Trunk(args.hidden_size, args)
+        for param in trunk.parameters():
+            torch.nn.init.normal_(param, std=0.1)
+        generator = torch.Generator().manual_seed(1)
+        x = torch.randn(STEPS, 2, args.hidden_size, generator=generator, requires_grad=True)
+        state = torch.randn(2, args.hidden_size, generator=generator)
+        starts = (torch.rand(STEPS, 2, generator=generator) < 0.03).float()
+        y = trunk(x, state, starts)[0]
+        weights = torch.randn(y.shape, generator=generator)
+        results[backend] = [y, *torch.autograd.grad((y * weights).sum(), [x, *trunk.parameters()])]
+    for name, nn_gru, loops in zip(["y", "x", "w_ih", "w_hh", "b_ih", "b_hh"], *results.values(), strict=True):
+        torch.testing.assert_close(loops, nn_gru, rtol=1e-4, atol=1e-5 * nn_gru.abs().max().item(), msg=name)
+
+
+def test_gru_backend_auto_without_a_compiler_runs_nn_gru_and_says_why(monkeypatch, capsys):
+    error = "Error building extension 'ppo_gru_cpu': g++: not found"
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError(error)
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", no_compiler)
+    module = load(ROOT / "ppo_gru.py")
+    args = module.parse_args(DOMAINS["classic"])
+    trunk = module.Trunk(args.hidden_size, args)
+    why = f"the C++ loops did not build (RuntimeError: {error})"
+    assert (
+        trunk.cpu_kernels is None
+        and trunk.kernel == f"nn.GRU split at starts (CPU), hand-written backward; auto backend: {why}"
+    )
+    assert capsys.readouterr().err.strip() == f"--gru-backend auto: {why}; using nn.GRU"
