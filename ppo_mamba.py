@@ -180,17 +180,18 @@ class Args:
     """N: SSM state size per inner channel (Mamba's d_state; the table: 8 for vector observations, else 16)"""
     conv_size: int = 4
     """width of the causal depthwise convolution (Mamba's d_conv)"""
-    scan: str = "auto"
-    """auto or torch. auto runs the selective scan on a CPU in this file's C++ loop (built on the first
-    run, about 30 s, where a C++ compiler is found; else torch, saying why), on a GPU and under --compile in
-    torch; torch runs it in torch everywhere (bit for bit the scan of the runs made before the C++ loop)"""
+    mamba_backend: str = "auto"
+    """auto or torch. auto runs the convolution and the selective scan on a CPU in this file's C++ loops
+    (built on the first run, about 30 s, where a C++ compiler is found; else torch, saying why), on a GPU and
+    under --compile in torch; torch runs them in torch everywhere (bit for bit the runs made before the C++
+    loops). No cuda: mamba-ssm's Mamba-1 scan takes no initial state and no resets"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
 
 ARCH = "mamba"
 TRUNK_SIZE_FIELDS = ("hidden_size", "num_layers", "expand", "state_size", "conv_size")
-TRUNK_CHOICE_FIELDS = {"scan": ("auto", "torch")}  # trunk flags with a fixed set of values
+TRUNK_CHOICE_FIELDS = {"mamba_backend": ("auto", "torch")}  # trunk flags with a fixed set of values
 TRUNK_RANGE_FIELDS = ()  # trunk flags that are (low, high) ranges of positive numbers
 TRUNK_FINITE_FIELDS = ()  # trunk flags that take any finite number
 NO_COMPILE = None  # why --compile is refused for this trunk; None: it compiles and gains
@@ -676,10 +677,12 @@ def causal_conv(x: torch.Tensor, window: torch.Tensor, conv: nn.Conv1d, starts: 
     return out, (padded[last:] * keep).transpose(0, 1)
 
 
-# The selective scan as one C++ loop per (environment, channel), the state in registers and exp vectorised
-# over its entries. Written by hand because no library runs this recurrence on the CPU (mamba-ssm's is
-# CUDA-only); tested equal to SelectiveScan below in float64 and to finite differences.
-CPU_SCAN_SOURCE = r"""
+# The causal convolution (with its SiLU) as one C++ loop per environment, exact at episode starts, and the
+# selective scan as one per (environment, channel), the state in registers and exp vectorised over its
+# entries: one autograd node each. Written by hand because no library runs these on the CPU (mamba-ssm's
+# kernels are CUDA-only); tested equal to `causal_conv` and SelectiveScan below in float64 and to finite
+# differences.
+CPU_KERNEL_SOURCE = r"""
 #include <torch/extension.h>
 #include <math.h>
 #include <vector>
@@ -694,6 +697,101 @@ template <typename Run> void with_state_size(int64_t state_size, Run run) {
   if (state_size == 8) run(Size<8>{});
   else if (state_size == 16) run(Size<16>{});
   else run(Size<0>{});
+}
+
+// The causal depthwise convolution, then SiLU. x [T, B, C]; window [B, K - 1, C] (the K - 1 inputs before x);
+// weight [K, C] (tap k reads the input K - 1 - k steps back); starts [T, B] (1 at an episode's first step).
+// Step t reads the input `back` steps before it while back <= since(t), the steps since its episode started
+// (capped at K - 1; the window belongs to the episode of the steps before the first start).
+// The window, then x: index j < K - 1 is window[:, j], else x[j - K + 1]
+template <typename Pointer> struct Padded {
+  Pointer window, x;
+  int64_t K, B, C;
+  Pointer at(int64_t j, int64_t b) const {
+    return j < K - 1 ? window + (b * (K - 1) + j) * C : x + ((j - K + 1) * B + b) * C;
+  }
+};
+
+template <typename F> int64_t next_since(int64_t since, F start, int64_t K) {  // since(-1) is K - 2
+  return start != 0 ? 0 : std::min(since + 1, K - 1);
+}
+
+// Writes act = SiLU(pre), pre (the convolution, for the backward) and the next window: the last K - 1 inputs,
+// zero where they lie before the last step's episode.
+template <typename F>
+void conv_forward_loop(Padded<const F*> in, In<F> weight, In<F> bias, In<F> starts, Out<F> act, Out<F> pre,
+                       Out<F> next_window, int64_t T) {
+  const int64_t K = in.K, B = in.B, C = in.C;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t since = K - 2;
+      for (int64_t t = 0; t < T; ++t) {
+        since = next_since(since, starts[t * B + b], K);
+        Out<F> out = pre + (t * B + b) * C;
+        Out<F> a = act + (t * B + b) * C;
+        for (int64_t c = 0; c < C; ++c) out[c] = bias[c];
+        for (int64_t back = 0; back <= since; ++back) {
+          In<F> v = in.at(t + K - 1 - back, b);
+          In<F> w = weight + (K - 1 - back) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) out[c] += w[c] * v[c];
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) a[c] = out[c] / (1 + exp(-out[c]));
+      }
+      for (int64_t j = 0; j < K - 1; ++j) {
+        In<F> v = in.at(T + j, b);
+        Out<F> o = next_window + (b * (K - 1) + j) * C;
+        for (int64_t c = 0; c < C; ++c) o[c] = K - 2 - j <= since ? v[c] : 0;
+      }
+    }
+  });
+}
+
+// grad_x and grad_window start at zero; grad_weight [B, K, C] and grad_bias [B, C] are kept per environment
+// (one environment per task, so no two threads add into one entry) and summed after.
+template <typename F>
+void conv_backward_loop(Padded<const F*> in, In<F> weight, In<F> starts, In<F> pre, In<F> grad_act,
+                        In<F> grad_next_window, Padded<F*> grad, Out<F> grad_weight, Out<F> grad_bias,
+                        int64_t T) {
+  const int64_t K = in.K, B = in.B, C = in.C;
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> since(T);
+    std::vector<F> grad_pre(C);
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t t = 0, s = K - 2; t < T; ++t) since[t] = s = next_since(s, starts[t * B + b], K);
+      for (int64_t j = 0; j < K - 1; ++j) {
+        if (K - 2 - j > since[T - 1]) continue;
+        Out<F> g = grad.at(T + j, b);
+        In<F> o = grad_next_window + (b * (K - 1) + j) * C;
+        for (int64_t c = 0; c < C; ++c) g[c] += o[c];
+      }
+      Out<F> gb = grad_bias + b * C;
+      for (int64_t t = 0; t < T; ++t) {
+        In<F> u = pre + (t * B + b) * C;
+        In<F> ga = grad_act + (t * B + b) * C;
+        Out<F> gp = grad_pre.data();
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+          const F sigmoid = 1 / (1 + exp(-u[c]));
+          gp[c] = ga[c] * sigmoid * (1 + u[c] * (1 - sigmoid));  // SiLU's derivative
+          gb[c] += gp[c];
+        }
+        for (int64_t back = 0; back <= since[t]; ++back) {
+          const int64_t k = K - 1 - back;
+          In<F> v = in.at(t + k, b);
+          In<F> w = weight + k * C;
+          Out<F> g = grad.at(t + k, b);
+          Out<F> gw = grad_weight + (b * K + k) * C;
+#pragma omp simd
+          for (int64_t c = 0; c < C; ++c) {
+            g[c] += gp[c] * w[c];
+            gw[c] += gp[c] * v[c];
+          }
+        }
+      }
+    }
+  });
 }
 
 // h_t = keep_t exp(dt_t A) h_{t-1} + dt_t x_t B_t and y_t = C_t . h_t. x, dt [T, N, D]; A [D, S];
@@ -769,6 +867,34 @@ void backward_loop(In<F> grad_y, In<F> grad_final, In<F> x, In<F> dt, In<F> A, I
   });
 }
 
+std::vector<torch::Tensor> conv_forward(torch::Tensor x, torch::Tensor window, torch::Tensor weight,
+                                        torch::Tensor bias, torch::Tensor starts) {
+  const int64_t T = x.size(0), B = x.size(1), C = x.size(2), K = weight.size(0);
+  auto act = torch::empty_like(x), pre = torch::empty_like(x), next_window = torch::empty_like(window);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    Padded<const scalar_t*> in{p(window), p(x), K, B, C};
+    conv_forward_loop<scalar_t>(in, p(weight), p(bias), p(starts), p(act), p(pre), p(next_window), T);
+  });
+  return {act, pre, next_window};
+}
+
+std::vector<torch::Tensor> conv_backward(torch::Tensor grad_act, torch::Tensor grad_next_window,
+                                         torch::Tensor x, torch::Tensor window, torch::Tensor weight,
+                                         torch::Tensor starts, torch::Tensor pre) {
+  const int64_t T = x.size(0), B = x.size(1), C = x.size(2), K = weight.size(0);
+  auto grad_x = torch::zeros_like(x), grad_window = torch::zeros_like(window);
+  auto grad_weight = torch::zeros({B, K, C}, x.options()), grad_bias = torch::zeros({B, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    Padded<const scalar_t*> in{p(window), p(x), K, B, C};
+    Padded<scalar_t*> grad{p(grad_window), p(grad_x), K, B, C};
+    conv_backward_loop<scalar_t>(in, p(weight), p(starts), p(pre), p(grad_act), p(grad_next_window), grad,
+                                 p(grad_weight), p(grad_bias), T);
+  });
+  return {grad_x, grad_window, grad_weight.sum(0), grad_bias.sum(0)};
+}
+
 std::vector<torch::Tensor> scan_forward(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
                                         torch::Tensor C, torch::Tensor keep, torch::Tensor h0) {
   const int64_t T = x.size(0), N = x.size(1), D = x.size(2), S = A.size(1);
@@ -807,8 +933,9 @@ std::vector<torch::Tensor> scan_backward(torch::Tensor grad_y, torch::Tensor gra
 CPU_SCAN_MAX_STATE = 256  # the C++ loop keeps a state in a fixed array of this size (MAX_STATE)
 
 
-def cpu_scan_kernel():
-    """This file's C++ scan (a module with scan_forward and scan_backward), built the first time on this CPU
+def cpu_kernels():
+    """This file's C++ loops (a module with conv_forward/backward and scan_forward/backward), built the first
+    time on this CPU
     type (about 30 s; torch caches the build), or None and why. -ffast-math (when compiling only: the
     process's float mode stays as it is) lets gcc call glibc's vectorised exp; the build's name holds the
     instruction set, so one cache can serve mixed nodes."""
@@ -819,18 +946,39 @@ def cpu_scan_kernel():
     name, tic = f"ppo_mamba_cpu_scan_{capability.lower()}", time.time()
     try:
         flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
-        functions = ["scan_forward", "scan_backward"]
-        kernel = load_inline(name, cpp_sources=CPU_SCAN_SOURCE, functions=functions, extra_cflags=flags)
+        functions = ["conv_forward", "conv_backward", "scan_forward", "scan_backward"]
+        kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
         if time.time() - tic > 5:  # a build, not the cached module
-            print(f"built the CPU selective scan {name} in {time.time() - tic:.0f} s (cached for later runs)")
-        return kernel, None
+            seconds = time.time() - tic
+            print(f"built the C++ convolution and scan {name} in {seconds:.0f} s (cached for later runs)")
+        return kernels, None
     except Exception as error:  # no compiler or no ninja: the torch scan does the same work
         first_line = (str(error).splitlines() or [""])[0][:200]
-        return None, f"the CPU scan did not build ({type(error).__name__}: {first_line})"
+        return None, f"the C++ loops did not build ({type(error).__name__}: {first_line})"
+
+
+class CpuConvSiLU(torch.autograd.Function):
+    """SiLU(causal_conv(x, window, conv, starts)) and the next window from the C++ loops (`kernels`:
+    `cpu_kernels`'s module). Eager only: under torch.compile the torch path runs, which the compiler fuses."""
+
+    @staticmethod
+    def forward(ctx, x, window, weight, bias, starts, kernels):
+        inputs = [t.contiguous() for t in (x, window, weight[:, 0].T, starts.to(x.dtype))]  # weight [K, C]
+        act, pre, next_window = kernels.conv_forward(*inputs[:3], bias.contiguous(), inputs[3])
+        ctx.kernels = kernels
+        ctx.save_for_backward(*inputs, pre)
+        return act, next_window
+
+    @staticmethod
+    def backward(ctx, grad_act, grad_next_window):
+        grad_x, grad_window, grad_weight, grad_bias = ctx.kernels.conv_backward(
+            grad_act.contiguous(), grad_next_window.contiguous(), *ctx.saved_tensors
+        )
+        return grad_x, grad_window, grad_weight.T[:, None], grad_bias, None, None
 
 
 class CpuSelectiveScan(torch.autograd.Function):
-    """SelectiveScan's arguments and results from the C++ loops (`kernel`: `cpu_scan_kernel`'s module). Eager
+    """SelectiveScan's arguments and results from the C++ loops (`kernel`: `cpu_kernels`'s module). Eager
     only: under torch.compile the torch scan runs, which the compiler fuses (called as an operator from the
     compiled graphs, this loop made whole runs 0.80-0.96x as fast on a 2-core CPU)."""
 
@@ -925,16 +1073,20 @@ class MambaMixer(nn.Module):
         window = torch.zeros(num_envs, self.conv.kernel_size[0] - 1, self.conv.in_channels, device=device)
         return window, torch.zeros(num_envs, *self.A_log.shape, device=device)
 
-    def forward(self, u: torch.Tensor, state, starts: torch.Tensor, cpu_kernel=None):
+    def forward(self, u: torch.Tensor, state, starts: torch.Tensor, cpu_kernels=None):
+        """`cpu_kernels`: this file's C++ loops on a CPU; None: the torch path."""
         window, ssm_state = state
         x, z = self.in_proj(u).chunk(2, -1)
-        x, window = causal_conv(x, window, self.conv, starts)
-        x = nn.functional.silu(x)
+        if cpu_kernels is not None:
+            x, window = CpuConvSiLU.apply(x, window, self.conv.weight, self.conv.bias, starts, cpu_kernels)
+        else:
+            x, window = causal_conv(x, window, self.conv, starts)
+            x = nn.functional.silu(x)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.A_log.shape[1], self.A_log.shape[1]], -1)
         dt = nn.functional.softplus(self.dt_proj(dt))
         scan_inputs = (x, dt, -self.A_log.exp(), B, C, (1 - starts).to(x.dtype), ssm_state)
-        if cpu_kernel is not None and x.device.type == "cpu":
-            y, ssm_state = CpuSelectiveScan.apply(*scan_inputs, cpu_kernel)
+        if cpu_kernels is not None:
+            y, ssm_state = CpuSelectiveScan.apply(*scan_inputs, cpu_kernels)
         else:
             y, ssm_state = SelectiveScan.apply(*scan_inputs)
         y = (y + x * self.D) * nn.functional.silu(z)
@@ -947,9 +1099,9 @@ class Trunk(nn.Module):
     The state of each layer (convolution window, SSM state) restarts from zero at every episode start, in
     the rollout (one step per call) and in training (whole rollout sequences from the state stored at the
     rollout's start, starts anywhere inside): the convolution masks the taps that reach across a start and
-    the scan sets the decay into a start to zero. The scan is this file's: on a CPU its C++ loop (`--scan
-    auto`; 1.7-2.0x faster gradient steps than the torch loops at the table's sizes), else the torch loops,
-    which torch.compile fuses. mamba-ssm's CUDA scan (`selective_scan_fn`) takes neither an initial state nor
+    the scan sets the decay into a start to zero. The scan is this file's: on a CPU its C++ loop, the
+    convolution's too (`--mamba-backend auto`; 1.9-2.4x faster gradient steps than the torch path at the
+    table's sizes), else the torch loops, which torch.compile fuses. mamba-ssm's CUDA scan (`selective_scan_fn`) takes neither an initial state nor
     resets inside a sequence, so it could not be exact here.
     """
 
@@ -961,18 +1113,18 @@ class Trunk(nn.Module):
         self.output_size = input_size
         self.state_reset = not args.no_state_reset
         self.kernel = "torch selective scan (one loop over time each way, hand-written backward)"
-        self.cpu_kernel = None  # the C++ scan's module, on a CPU with --scan auto
-        if args.scan == "auto" and not (args.cuda and torch.cuda.is_available()):
+        self.cpu_kernels = None  # the C++ loops' module, on a CPU with --mamba-backend auto
+        if args.mamba_backend == "auto" and not (args.cuda and torch.cuda.is_available()):
             if args.state_size > CPU_SCAN_MAX_STATE:
                 why_torch = f"the C++ scan takes a state size up to {CPU_SCAN_MAX_STATE}"
                 why_torch += f", got {args.state_size}"
             else:
-                self.cpu_kernel, why_torch = cpu_scan_kernel()
+                self.cpu_kernels, why_torch = cpu_kernels()
             if why_torch:
-                print(f"--scan auto: {why_torch}; using the torch scan", file=sys.stderr)
+                print(f"--mamba-backend auto: {why_torch}; using the torch path", file=sys.stderr)
                 self.kernel += f"; {why_torch}"
             else:
-                self.kernel = "C++ selective scan on the CPU (the torch scan under --compile)"
+                self.kernel = "C++ convolution and selective scan on the CPU (the torch path under --compile)"
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(convolution windows [num_envs, layers, K - 1, inner], SSM states [num_envs, layers, inner, N])."""
@@ -982,11 +1134,12 @@ class Trunk(nn.Module):
     def forward(self, x: torch.Tensor, state, starts: torch.Tensor):
         """x [T, B, input_size], starts [T, B] -> y [T, B, input_size], state after step T - 1."""
         starts = starts.long() if self.state_reset else torch.zeros_like(starts, dtype=torch.long)
-        cpu_kernel = None if torch.compiler.is_compiling() else self.cpu_kernel  # compiled: the loops fuse
+        compiled = torch.compiler.is_compiling()  # the torch path, which the compiler fuses
+        cpu_kernels = self.cpu_kernels if x.device.type == "cpu" and not compiled else None
         windows, ssm_states = [], []
         for layer, (norm, mixer) in enumerate(zip(self.norms, self.mixers, strict=True)):
             layer_state = (state[0][:, layer], state[1][:, layer])
-            out, (window, ssm_state) = mixer(norm(x), layer_state, starts, cpu_kernel)
+            out, (window, ssm_state) = mixer(norm(x), layer_state, starts, cpu_kernels)
             x = x + out
             windows.append(window)
             ssm_states.append(ssm_state)

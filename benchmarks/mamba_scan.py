@@ -7,7 +7,7 @@ Each row times the recurrence alone (inputs already projected), T = 128 steps, e
 
 - Mamba (x [T, E, D], A [D, S]): autograd through `h = decay_t * h + input_t` iterated with `unbind`, against
   `SelectiveScan` (one torch loop each way, hand-written backward) and, on the CPU, the C++ scan that
-  `--scan auto` runs (`cpu_scan_kernel`);
+  `--mamba-backend auto` runs (`cpu_kernels`);
 - Mamba-2 (x [T, E, H, P], scalar A per head): autograd through the same per-step loop, against `ssd` (chunked,
   no loop over steps) and, on the CPU, the C++ SSD that `--mamba-backend auto` runs (`cpu_kernels`).
 
@@ -97,7 +97,7 @@ def main():
     device = torch.device(options.device)
     cpu_kernel = cpu_kernels = None
     if device.type == "cpu":
-        (cpu_kernel, why_torch), (cpu_kernels, why_torch_2) = MAMBA.cpu_scan_kernel(), MAMBA2.cpu_kernels()
+        (cpu_kernel, why_torch), (cpu_kernels, why_torch_2) = MAMBA.cpu_kernels(), MAMBA2.cpu_kernels()
         for why in (why_torch, why_torch_2):
             if why:
                 print(why)

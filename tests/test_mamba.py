@@ -66,9 +66,9 @@ def selective_scan(name: str):
     module = load(MAMBA)
     if name == "torch":
         return module.SelectiveScan.apply
-    kernel, why_torch = module.cpu_scan_kernel()
-    assert kernel is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
-    return lambda *inputs: module.CpuSelectiveScan.apply(*inputs, kernel)
+    kernels, why_torch = module.cpu_kernels()
+    assert kernels is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
+    return lambda *inputs: module.CpuSelectiveScan.apply(*inputs, kernels)
 
 
 SCANS = ["torch", "cpu"]
@@ -141,7 +141,7 @@ def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan():
 
 # Each script's flag for its C++ loops or its torch path, and the start of `kernel` with each
 BACKENDS = {
-    MAMBA: ("--scan", "C++ selective scan", "torch selective scan"),
+    MAMBA: ("--mamba-backend", "C++ convolution and selective scan", "torch selective scan"),
     MAMBA2: ("--mamba-backend", "C++ convolution and SSD", "torch chunked SSD"),
 }
 
@@ -174,9 +174,9 @@ def test_trunk_with_the_cpu_loops_equals_the_trunk_with_the_torch_path(script):
         torch.testing.assert_close(auto_result, torch_result, rtol=1e-9, atol=1e-12)
 
 
-def mamba2_cpu_kernels():
-    """ppo_mamba2.py and its C++ loops of this machine's build."""
-    module = load(MAMBA2)
+def cpu_kernels(script=MAMBA2):
+    """The script and its C++ loops of this machine's build."""
+    module = load(script)
     kernels, why_torch = module.cpu_kernels()
     assert kernels is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
     return module, kernels
@@ -198,7 +198,7 @@ def weighted_gradients(outputs, weights, inputs):
 
 @pytest.mark.parametrize("state_size", [5, 16])  # 16: a state size the loops know at compile time
 def test_cpu_ssd_equals_the_recurrence_and_its_gradients_autograds(state_size):
-    module, kernels = mamba2_cpu_kernels()
+    module, kernels = cpu_kernels()
     torch.manual_seed(0)
     inputs = [t.requires_grad_() for t in ssd_inputs(state_size)]
     x, dt, A, B, C, initial = inputs
@@ -213,12 +213,13 @@ def test_cpu_ssd_equals_the_recurrence_and_its_gradients_autograds(state_size):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
 @pytest.mark.parametrize("steps", [1, 2, STEPS])  # 1: the rollout's step
 @pytest.mark.parametrize("taps", [1, 2, 4])
-def test_cpu_convolution_equals_the_torch_convolution_and_its_gradients(taps, steps):
+def test_cpu_convolution_equals_the_torch_convolution_and_its_gradients(taps, steps, script):
     """SiLU(causal_conv) in C++ against the torch one (itself tested step by step above), forward, next window
-    and the gradients of x, the window, the weight and the bias, in float64."""
-    module, kernels = mamba2_cpu_kernels()
+    and the gradients of x, the window, the weight and the bias, in float64; and finite differences."""
+    module, kernels = cpu_kernels(script)
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(6, 6, taps, groups=6).double()
     x = torch.randn(steps, ENVS, 6, dtype=torch.float64, requires_grad=True)
@@ -234,25 +235,25 @@ def test_cpu_convolution_equals_the_torch_convolution_and_its_gradients(taps, st
     expected_grads, got_grads = (weighted_gradients(outputs, weights, inputs) for outputs in (expected, got))
     for name, e, g in zip(["x", "window", "weight", "bias"], expected_grads, got_grads, strict=True):
         torch.testing.assert_close(g, e, rtol=0, atol=1e-12, msg=name)
+    if steps == STEPS and taps == 4:
+        small = (x[..., :3], window[..., :3], conv.weight[:3], conv.bias[:3])  # 3 channels
+        small = [t.detach().clone().requires_grad_() for t in small]
+        assert torch.autograd.gradcheck(lambda *a: module.CpuConvSiLU.apply(*a, starts, kernels), small)
 
 
-def test_cpu_ssd_and_convolution_gradients_equal_finite_differences():
-    module, kernels = mamba2_cpu_kernels()
+def test_cpu_ssd_gradients_equal_finite_differences():
+    module, kernels = cpu_kernels()
     torch.manual_seed(0)
     keep = (~episode_starts()).double()
     inputs = [t.requires_grad_() for t in ssd_inputs(state_size=2, heads=2, head_size=2)]
     assert torch.autograd.gradcheck(lambda *a: module.CpuSSD.apply(*a[:5], keep, a[5], kernels), inputs)
-    conv_inputs = [torch.randn(STEPS, ENVS, 3), torch.randn(ENVS, 2, 3), torch.randn(3, 1, 3), torch.randn(3)]
-    conv_inputs = [t.double().requires_grad_() for t in conv_inputs]
-    starts = episode_starts().long()
-    assert torch.autograd.gradcheck(lambda *a: module.CpuConvSiLU.apply(*a, starts, kernels), conv_inputs)
 
 
 def test_cpu_loops_in_float32_at_the_row_size_agree_with_the_torch_path():
     """The C++ loops vectorise their sums in float32 (reassociated): at the MemoryS11 row's sizes (7 heads of 32,
     state 16, 256 steps, 256 convolution channels) they must still agree with the torch path to float32
     rounding, forward and backward, starts and a warm state included."""
-    module, kernels = mamba2_cpu_kernels()
+    module, kernels = cpu_kernels()
     torch.manual_seed(0)
     steps, envs = 256, 2
     x, dt, A, B, C, initial = (t.float() for t in ssd_inputs(16, heads=7, head_size=32, steps=steps, envs=envs))
@@ -382,18 +383,20 @@ def test_initialisation_flags_set_dt_a_and_d():
             assert torch.equal(mixer.D.detach(), torch.full((64,), d))
 
 
-def test_mamba1_offers_no_backend_it_cannot_run():
-    """No mamba-ssm kernel can run Mamba-1 exactly (its scan takes no initial state and no resets): no flag for
-    one; `--scan` picks this file's C++ loop or its torch loops, nothing else."""
+def test_mamba1_offers_no_backend_it_cannot_run(tmp_path):
+    """No mamba-ssm kernel can run Mamba-1 exactly (its scan takes no initial state and no resets): its
+    `--mamba-backend` picks this file's C++ loops or its torch path, never cuda."""
     module = load(MAMBA)
-    assert "mamba_backend" not in {field.name for field in dataclasses.fields(module.Args)}
-    assert module.TRUNK_CHOICE_FIELDS == {"scan": ("auto", "torch")}
-    args = module.parse_args([*DOMAINS["classic"], "--scan", "torch"])
+    assert module.TRUNK_CHOICE_FIELDS == {"mamba_backend": ("auto", "torch")}
+    args = module.parse_args([*DOMAINS["classic"], "--mamba-backend", "torch"])
     assert module.Trunk(args.hidden_size, args).kernel.startswith("torch selective scan")
+    result = run_script(MAMBA, "--mamba-backend", "cuda", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("--mamba-backend must be one of auto, torch, got 'cuda'")
 
 
 FALLBACKS = {  # the reason each script gives and the message it prints, where the C++ loops cannot build
-    MAMBA: ("the CPU scan did not build ({})", "--scan auto: {}; using the torch scan"),
+    MAMBA: ("the C++ loops did not build ({})", "--mamba-backend auto: {}; using the torch path"),
     MAMBA2: ("the C++ loops did not build ({})", "--mamba-backend auto: {}; using the torch path"),
 }
 
@@ -412,7 +415,7 @@ def test_auto_without_a_compiler_falls_back_to_the_torch_path_and_says_why(scrip
     reason, message = FALLBACKS[script]
     why = reason.format(f"RuntimeError: {error}")
     assert trunk.kernel.startswith(BACKENDS[script][2]) and trunk.kernel.endswith(why)
-    assert (trunk.cpu_kernel if script == MAMBA else trunk.cpu_kernels) is None
+    assert trunk.cpu_kernels is None
     assert capsys.readouterr().err.strip() == message.format(why)
 
 
@@ -422,14 +425,8 @@ def test_a_state_too_large_for_the_cpu_scan_takes_the_torch_scan_and_says_why(ca
     args = module.parse_args([*DOMAINS["classic"], "--state-size", str(state_size)])
     trunk = module.Trunk(args.hidden_size, args)
     why = f"the C++ scan takes a state size up to {module.CPU_SCAN_MAX_STATE}, got {state_size}"
-    assert trunk.cpu_kernel is None and trunk.kernel.endswith(why)
-    assert capsys.readouterr().err.strip() == f"--scan auto: {why}; using the torch scan"
-
-
-def test_unknown_scan_is_bad_input(tmp_path):
-    result = run_script(MAMBA, "--scan", "cuda", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("--scan must be one of auto, torch, got 'cuda'")
+    assert trunk.cpu_kernels is None and trunk.kernel.endswith(why)
+    assert capsys.readouterr().err.strip() == f"--mamba-backend auto: {why}; using the torch path"
 
 
 def test_tf32_off_restores_the_global_flags():

@@ -1,18 +1,21 @@
 """Recurrent trunks (`Trunk.rnn`, ppo_lstm.py and ppo_gru.py): training runs the kernel once per piece
 between episode starts, never once per time step, and the pieces give exactly what a per-step loop gives;
-ppo_gru.py's C++ loops (its default on a CPU) give what nn.GRU gives."""
+the C++ loops that both run by default on a CPU give what nn.LSTM and nn.GRU give."""
+
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import DOMAINS, ROOT, load
 
 STEPS, ENVS = 128, 4
+RECURRENT = {"ppo_lstm.py": ("--lstm-backend", "nn.LSTM"), "ppo_gru.py": ("--gru-backend", "nn.GRU")}  # flag, rnn
 
 
 def recurrent_trunk(module, device):
-    """The script's trunk running its nn.LSTM or nn.GRU (ppo_gru.py's `--gru-backend torch`)."""
-    torch_backend = ["--gru-backend", "torch"] if hasattr(module.Args, "gru_backend") else []
-    args = module.parse_args(DOMAINS["classic"] + torch_backend)
+    """The script's trunk running its nn.LSTM or nn.GRU (`--lstm-backend torch`, `--gru-backend torch`)."""
+    flag = RECURRENT.get(Path(module.__file__).name, (None,))[0]
+    args = module.parse_args(DOMAINS["classic"] + ([flag, "torch"] if flag else []))
     if not hasattr(module.Trunk(args.hidden_size, args), "rnn"):
         pytest.skip("not a recurrent trunk")
     torch.manual_seed(0)
@@ -125,42 +128,94 @@ def test_the_gru_hand_written_backward_passes_gradcheck(backend):
     )
 
 
-def test_the_gru_c_plus_plus_loops_agree_with_nn_gru_in_float32_at_the_memory_row_size():
-    """The loops vectorise their sums in float32: at MiniGrid-MemoryS11 symbolic's width (160), 128 steps of 2
-    environments with starts, a trunk with them and one with nn.GRU (the same weights) agree to float32
-    rounding in the outputs and every gradient."""
-    module = load(ROOT / "ppo_gru.py")
+def test_the_lstm_c_plus_plus_loops_equal_autograd_through_nn_lstm():
+    """ppo_lstm.py's C++ loops (`LSTMSteps`) against autograd through the same `nn.LSTM` pieces, in float64: the
+    outputs, the final (h, c), and the gradients of the input, the initial h and c and all four parameters,
+    with episode starts inside the sequence; and the rollout's one step."""
+    module = load(ROOT / "ppo_lstm.py")
+    trunks = {}
+    for backend in ("auto", "torch"):
+        args = module.parse_args(DOMAINS["classic"] + ["--lstm-backend", backend])
+        torch.manual_seed(0)
+        trunks[backend] = module.Trunk(args.hidden_size, args).double()
+        for param in trunks[backend].parameters():  # away from the zero biases of the initialisation
+            torch.nn.init.normal_(param, mean=0.1, std=0.3)
+    assert trunks["auto"].kernel.startswith("C++ LSTM loops") and trunks["torch"].kernel.startswith("nn.LSTM")
+    generator = torch.Generator().manual_seed(1)
+    hidden = args.hidden_size
+    x = torch.randn(STEPS, ENVS, hidden, dtype=torch.float64, generator=generator, requires_grad=True)
+    state = [torch.randn(ENVS, hidden, dtype=torch.float64, generator=generator, requires_grad=True) for _ in "hc"]
+    starts = (torch.rand(STEPS, ENVS, generator=generator) < 0.05).double()
+    starts[[0, 60, 60], [1, 0, 2]] = 1  # a start at the first step, two environments starting together
+    weights = torch.randn(STEPS, ENVS, hidden, dtype=torch.float64, generator=generator)
+    results = {}
+    for backend, trunk in trunks.items():
+        y, (h, c) = trunk(x, state, starts)
+        loss = (y * weights).sum() + h.square().sum() + (c * weights[0]).sum()
+        with torch.inference_mode():  # the rollout: one step, no autograd, a start for environment 1
+            step, step_state = trunk(x[:1], state, starts[:1])
+        results[backend] = [y, h, c, *torch.autograd.grad(loss, [x, *state, *trunk.parameters()]), step, *step_state]
+    names = ["y", "h", "c", "x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "step", "step h", "step c"]
+    for name, loops, nn_lstm in zip(names, *results.values(), strict=True):
+        torch.testing.assert_close(loops, nn_lstm, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_lstm_c_plus_plus_loops_pass_gradcheck():
+    module = load(ROOT / "ppo_lstm.py")
+    args = module.parse_args(DOMAINS["classic"] + ["--hidden-size", "5"])
+    trunk = module.Trunk(args.hidden_size, args).double()
+    assert trunk.cpu_kernels is not None, trunk.kernel  # CI's CPU has a compiler
+    for param in trunk.parameters():
+        torch.nn.init.normal_(param, std=0.5)
+    inputs = [torch.randn(shape, dtype=torch.float64, requires_grad=True) for shape in ((12, 3, 5), (3, 5), (3, 5))]
+    starts = torch.zeros(12, 3, dtype=torch.float64)
+    starts[[0, 4, 4, 9], [0, 1, 2, 1]] = 1
+    params = list(trunk.rnn.parameters())
+
+    def lstm(x, h0, c0, *params):
+        return module.LSTMSteps.apply(x, h0, c0, starts, trunk.cpu_kernels, *params)
+
+    assert torch.autograd.gradcheck(lstm, (*inputs, *params))
+
+
+@pytest.mark.parametrize("script", list(RECURRENT))
+def test_the_c_plus_plus_loops_agree_with_nn_rnn_in_float32_at_the_memory_row_size(script):
+    """The loops vectorise their sums in float32: at MiniGrid-MemoryS11 symbolic's width, 128 steps of 2
+    environments with starts, a trunk with them and one with nn.LSTM / nn.GRU (the same weights) agree to
+    float32 rounding in the outputs, the final state and every gradient."""
+    module, (flag, _) = load(ROOT / script), RECURRENT[script]
     results = {}
     for backend in ("torch", "auto"):
-        args = module.parse_args(DOMAINS["minigrid-symbolic"] + ["--gru-backend", backend])
+        args = module.parse_args(DOMAINS["minigrid-symbolic"] + [flag, backend])
         torch.manual_seed(0)
         trunk = module.Trunk(args.hidden_size, args)
         for param in trunk.parameters():
             torch.nn.init.normal_(param, std=0.1)
         generator = torch.Generator().manual_seed(1)
         x = torch.randn(STEPS, 2, args.hidden_size, generator=generator, requires_grad=True)
-        state = torch.randn(2, args.hidden_size, generator=generator)
+        state = trunk.initial_state(2, torch.device("cpu"))
+        state = tuple(part.normal_(generator=generator) for part in state) if isinstance(state, tuple) else state
         starts = (torch.rand(STEPS, 2, generator=generator) < 0.03).float()
-        y = trunk(x, state, starts)[0]
+        y, final_state = trunk(x, state, starts)
         weights = torch.randn(y.shape, generator=generator)
         results[backend] = [y, *torch.autograd.grad((y * weights).sum(), [x, *trunk.parameters()])]
-    for name, nn_gru, loops in zip(["y", "x", "w_ih", "w_hh", "b_ih", "b_hh"], *results.values(), strict=True):
-        torch.testing.assert_close(loops, nn_gru, rtol=1e-4, atol=1e-5 * nn_gru.abs().max().item(), msg=name)
+        results[backend] += list(final_state) if isinstance(final_state, tuple) else [final_state]
+    for nn_rnn, loops in zip(*results.values(), strict=True):
+        torch.testing.assert_close(loops, nn_rnn, rtol=1e-4, atol=1e-5 * nn_rnn.abs().max().item())
 
 
-def test_gru_backend_auto_without_a_compiler_runs_nn_gru_and_says_why(monkeypatch, capsys):
-    error = "Error building extension 'ppo_gru_cpu': g++: not found"
+@pytest.mark.parametrize("script", list(RECURRENT))
+def test_auto_without_a_compiler_runs_nn_rnn_and_says_why(script, monkeypatch, capsys):
+    error = "Error building extension 'ppo_rnn_cpu': g++: not found"
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError(error)
 
     monkeypatch.setattr("torch.utils.cpp_extension.load_inline", no_compiler)
-    module = load(ROOT / "ppo_gru.py")
+    module, (flag, rnn) = load(ROOT / script), RECURRENT[script]
     args = module.parse_args(DOMAINS["classic"])
     trunk = module.Trunk(args.hidden_size, args)
     why = f"the C++ loops did not build (RuntimeError: {error})"
-    assert (
-        trunk.cpu_kernels is None
-        and trunk.kernel == f"nn.GRU split at starts (CPU), hand-written backward; auto backend: {why}"
-    )
-    assert capsys.readouterr().err.strip() == f"--gru-backend auto: {why}; using nn.GRU"
+    assert trunk.cpu_kernels is None and trunk.kernel.startswith(f"{rnn} split at starts (CPU)")
+    assert trunk.kernel.endswith(f"; auto backend: {why}")
+    assert capsys.readouterr().err.strip() == f"{flag} auto: {why}; using {rnn}"
