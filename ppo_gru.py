@@ -653,12 +653,11 @@ CPU_KERNEL_SOURCE = r"""
 template <typename F> using In = const F* __restrict__;
 template <typename F> using Out = F* __restrict__;
 
-
 // out[j] = start[j] + sum_i v[i] rows[i][j] for j < width (rows [count, width], row-major): a vector-matrix
 // product that keeps 64 outputs in registers while it runs down the rows, then stores them (a store per
-// multiply-add would bound it).
+// multiply-add would bound it). start and out may be the same array.
 template <typename F>
-void vector_matrix(In<F> v, In<F> rows, In<F> start, F* out, int64_t count, int64_t width) {
+void vector_matrix(In<F> v, In<F> rows, const F* start, F* out, int64_t count, int64_t width) {
   constexpr int64_t BLOCK = 64;
   int64_t j0 = 0;
   for (; j0 + BLOCK <= width; j0 += BLOCK) {
