@@ -185,8 +185,8 @@ TRUNK_RANGE_FIELDS = ()  # trunk flags that are (low, high) ranges of positive n
 TRUNK_FINITE_FIELDS = ()  # trunk flags that take any finite number
 # why --compile is refused for this trunk (None: it compiles and gains)
 NO_COMPILE = (
-    "ppo_lstm.py's trunk cuts each sequence at its episode starts, which depend on the data"
-    ": compiled, it breaks into pieces and trained slower than eager"
+    "ppo_lstm.py's trunk runs its steps in C++ loops on a CPU and cuts each sequence at its episode starts"
+    " (which depend on the data) on a GPU: compiled, it breaks into pieces and trained slower than eager"
 )
 
 
