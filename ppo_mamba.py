@@ -943,7 +943,7 @@ def cpu_kernels():
 
     capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...
     isa_flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mfma"]}
-    name, tic = f"ppo_mamba_cpu_scan_{capability.lower()}", time.time()
+    name, tic = f"ppo_mamba_cpu_{capability.lower()}", time.time()
     try:
         flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
         functions = ["conv_forward", "conv_backward", "scan_forward", "scan_backward"]
