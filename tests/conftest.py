@@ -68,6 +68,19 @@ def without_tf32():
         yield
 
 
+@pytest.fixture
+def no_cpp_compiler(monkeypatch) -> str:
+    """The scripts' C++ loops cannot build (load_inline raises as it does without g++): the reason a trunk
+    then gives for running its torch path."""
+    error = "Error building extension 'ppo_cpu': g++: not found"
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError(error)
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load_inline", no_compiler)
+    return f"the C++ loops did not build (RuntimeError: {error})"
+
+
 def load(script: Path):
     """Import a script as a module (once per test session)."""
     if script not in _modules:
