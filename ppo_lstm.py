@@ -807,6 +807,7 @@ def cpu_kernels():
         flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
         functions = ["lstm_forward", "lstm_backward"]
         kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
+        kernels.__deepcopy__ = lambda memo: kernels  # copies of an agent share it (a module does not copy)
         if time.time() - tic > 5:  # a build, not the cached module
             print(f"built the C++ LSTM loops {name} in {time.time() - tic:.0f} s (cached for later runs)")
         return kernels, None

@@ -948,6 +948,7 @@ def cpu_kernels():
         flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
         functions = ["conv_forward", "conv_backward", "scan_forward", "scan_backward"]
         kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
+        kernels.__deepcopy__ = lambda memo: kernels  # copies of an agent share it (a module does not copy)
         if time.time() - tic > 5:  # a build, not the cached module
             seconds = time.time() - tic
             print(f"built the C++ convolution and scan {name} in {seconds:.0f} s (cached for later runs)")

@@ -197,11 +197,11 @@ class Args:
     """after the blocks, a residual ReLU MLP (width -> width / 2 -> width) before the final norm, as in the
     paper's Mamba-2 policy (its post_mamba_mlp): a nonlinear read of the blocks' output for the heads"""
     mamba_backend: str = "auto"
-    """auto, torch or cuda. auto runs the convolution and the SSD on a CPU in this file's C++ loops (built on
-    the first run, about 30 s, where a C++ compiler is found; else torch, saying why), on a GPU and under
-    --compile in torch (as fast as mamba-ssm's kernel over 128-step rollouts on an H200); torch runs the torch
-    path everywhere (bit for bit the runs made before the C++ loops); cuda runs mamba-ssm's kernel on a CUDA
-    device where mamba-ssm imports, else torch, saying why"""
+    """auto, torch or cuda. auto runs the convolution, the SSD and the gated norm on a CPU in this file's
+    C++ loops (built on the first run, about 30 s, where a C++ compiler is found; else torch, saying why), on
+    a GPU and under --compile in torch (as fast as mamba-ssm's kernel over 128-step rollouts on an H200);
+    torch runs the torch path everywhere (bit for bit the runs made before the C++ loops); cuda runs
+    mamba-ssm's kernel on a CUDA device where mamba-ssm imports, else torch, saying why"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
@@ -1041,6 +1041,104 @@ std::vector<torch::Tensor> ssd_backward(torch::Tensor grad_y, torch::Tensor grad
   });
   return {grad_x, grad_dt, grad_A.sum(0), grad_B, grad_C, grad_h0};
 }
+
+// The mixer's output before out_proj: the skip, SiLU(z)'s gate and the RMSNorm in one pass per row,
+// g = (y + D x) * silu(z), out = g / rms(g) * weight. y, x [N, H, P] (rows of C = H * P); D [H]; z [N, C];
+// weight [C]. Returns out and each row's 1 / rms(g) for the backward, which recomputes g.
+template <typename F> F sigmoid(F a) { return F(1) / (F(1) + std::exp(-a)); }
+
+template <typename F>
+void gated_row(In<F> y, In<F> x, In<F> D, In<F> z, Out<F> g, int64_t H, int64_t P) {
+  for (int64_t h = 0; h < H; ++h) {
+    const F d = D[h];
+#pragma omp simd
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t c = h * P + p;
+      g[c] = (y[c] + d * x[c]) * z[c] * sigmoid(z[c]);
+    }
+  }
+}
+
+template <typename F>
+void gated_norm_forward_loop(In<F> y, In<F> x, In<F> D, In<F> z, In<F> weight, Out<F> out, Out<F> inv_rms,
+                             int64_t N, int64_t H, int64_t P, F eps) {
+  const int64_t C = H * P;
+  std::vector<F> g(C);
+  for (int64_t n = 0; n < N; ++n) {
+    gated_row(y + n * C, x + n * C, D, z + n * C, g.data(), H, P);
+    F squares = 0;
+#pragma omp simd reduction(+ : squares)
+    for (int64_t c = 0; c < C; ++c) squares += g[c] * g[c];
+    const F r = F(1) / std::sqrt(squares / C + eps);
+    inv_rms[n] = r;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) out[n * C + c] = g[c] * r * weight[c];
+  }
+}
+
+template <typename F>
+void gated_norm_backward_loop(In<F> grad_out, In<F> y, In<F> x, In<F> D, In<F> z, In<F> weight, In<F> inv_rms,
+                              Out<F> grad_y, Out<F> grad_x, Out<F> grad_D, Out<F> grad_z, Out<F> grad_weight,
+                              int64_t N, int64_t H, int64_t P) {
+  const int64_t C = H * P;
+  std::vector<F> g(C), grad_g(C);
+  std::fill(grad_D, grad_D + H, F(0));
+  std::fill(grad_weight, grad_weight + C, F(0));
+  for (int64_t n = 0; n < N; ++n) {
+    In<F> yn = y + n * C, xn = x + n * C, zn = z + n * C, gn = grad_out + n * C;
+    gated_row(yn, xn, D, zn, g.data(), H, P);
+    const F r = inv_rms[n];
+    F dot = 0;  // sum_c d(normed)_c normed_c, normed = g r
+#pragma omp simd reduction(+ : dot)
+    for (int64_t c = 0; c < C; ++c) {
+      const F grad_normed = gn[c] * weight[c];
+      grad_weight[c] += gn[c] * g[c] * r;
+      grad_g[c] = grad_normed;
+      dot += grad_normed * g[c] * r;
+    }
+    for (int64_t h = 0; h < H; ++h) {
+      const F d = D[h];
+      F grad_d = 0;
+#pragma omp simd reduction(+ : grad_d)
+      for (int64_t p = 0; p < P; ++p) {
+        const int64_t c = h * P + p, i = n * C + c;
+        const F dg = r * (grad_g[c] - g[c] * r * dot / C), s = sigmoid(zn[c]);
+        const F gate = zn[c] * s, grad_a = dg * gate;  // a = y + D x
+        grad_y[i] = grad_a;
+        grad_x[i] = grad_a * d;
+        grad_d += grad_a * xn[c];
+        grad_z[i] = dg * (yn[c] + d * xn[c]) * s * (1 + zn[c] * (1 - s));
+      }
+      grad_D[h] += grad_d;
+    }
+  }
+}
+
+std::vector<torch::Tensor> gated_norm_forward(torch::Tensor y, torch::Tensor x, torch::Tensor D,
+                                              torch::Tensor z, torch::Tensor weight, double eps) {
+  const int64_t H = y.size(-2), P = y.size(-1), N = y.numel() / (H * P);
+  auto out = torch::empty_like(z), inv_rms = torch::empty({N}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gated_norm_forward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    gated_norm_forward_loop<scalar_t>(p(y), p(x), p(D), p(z), p(weight), p(out), p(inv_rms), N, H, P,
+                                      scalar_t(eps));
+  });
+  return {out, inv_rms};
+}
+
+std::vector<torch::Tensor> gated_norm_backward(torch::Tensor grad_out, torch::Tensor y, torch::Tensor x,
+                                               torch::Tensor D, torch::Tensor z, torch::Tensor weight,
+                                               torch::Tensor inv_rms) {
+  const int64_t H = y.size(-2), P = y.size(-1), N = y.numel() / (H * P);
+  auto grad_y = torch::empty_like(y), grad_x = torch::empty_like(x), grad_D = torch::empty_like(D);
+  auto grad_z = torch::empty_like(z), grad_weight = torch::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "gated_norm_backward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    gated_norm_backward_loop<scalar_t>(p(grad_out), p(y), p(x), p(D), p(z), p(weight), p(inv_rms), p(grad_y),
+                                       p(grad_x), p(grad_D), p(grad_z), p(grad_weight), N, H, P);
+  });
+  return {grad_y, grad_x, grad_D, grad_z, grad_weight};
+}
 """
 
 
@@ -1056,11 +1154,14 @@ def cpu_kernels():
     name, tic = f"ppo_mamba2_cpu_{capability.lower()}", time.time()
     try:
         flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
-        functions = ["conv_forward", "conv_backward", "ssd_forward", "ssd_backward"]
+        functions = ["conv_forward", "conv_backward", "ssd_forward", "ssd_backward", "gated_norm_forward"]
+        functions += ["gated_norm_backward"]
         kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
+        kernels.__deepcopy__ = lambda memo: kernels  # copies of an agent share it (a module does not copy)
         if time.time() - tic > 5:  # a build, not the cached module
             seconds = time.time() - tic
-            print(f"built the C++ convolution and SSD {name} in {seconds:.0f} s (cached for later runs)")
+            what = "the C++ convolution, SSD and gated norm"
+            print(f"built {what} {name} in {seconds:.0f} s (cached for later runs)")
         return kernels, None
     except Exception as error:  # no compiler or no ninja: the torch path does the same work
         first_line = (str(error).splitlines() or [""])[0][:200]
@@ -1106,6 +1207,25 @@ class CpuSSD(torch.autograd.Function):
             grad_y.contiguous(), grad_final.contiguous(), *ctx.saved_tensors
         )
         return grad_x, grad_dt, grad_A, grad_B, grad_C, None, grad_h0, None
+
+
+class CpuGatedNorm(torch.autograd.Function):
+    """The mixer's norm(flatten(y + D x) * silu(z)) (an nn.RMSNorm's weight and eps) from the C++ loops, for
+    y, x [..., heads, head_size] and z [..., heads * head_size]: one pass per row each way where the torch
+    path has about ten ops each way. Eager only, like CpuConvSiLU."""
+
+    @staticmethod
+    def forward(ctx, y, x, D, z, weight, eps, kernels):
+        inputs = [t.contiguous() for t in (y, x, D, z, weight)]
+        out, inv_rms = kernels.gated_norm_forward(*inputs, eps)
+        ctx.kernels = kernels
+        ctx.save_for_backward(*inputs, inv_rms)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grads = ctx.kernels.gated_norm_backward(grad_out.contiguous(), *ctx.saved_tensors)
+        return *grads, None, None
 
 
 def mamba_ssm_kernel():
@@ -1183,8 +1303,11 @@ class Mamba2Mixer(nn.Module):
                 return_final_states=True,
             )
             y = y.transpose(0, 1)
-        y = y + x * self.D[:, None]
-        y = self.norm(y.flatten(-2) * nn.functional.silu(z))
+        if cpu_kernels is not None:
+            y = CpuGatedNorm.apply(y, x, self.D, z, self.norm.weight, self.norm.eps, cpu_kernels)
+        else:
+            y = y + x * self.D[:, None]
+            y = self.norm(y.flatten(-2) * nn.functional.silu(z))
         return self.out_proj(y), (window, ssm_state)
 
 
@@ -1236,7 +1359,7 @@ class Trunk(nn.Module):
         if self.kernel_for(device) is not None:
             return "mamba-ssm mamba_chunk_scan_combined (Triton, TF32)"
         if self.cpu_kernels is not None and device.type == "cpu":
-            return "C++ convolution and SSD on the CPU (the torch path under --compile)"
+            return "C++ convolution, SSD and gated norm on the CPU (the torch path under --compile)"
         reason = f"; {self.backend} backend: {self.why_torch}" if self.why_torch else ""
         return f"torch chunked SSD (chunk {self.mixers[0].chunk_size}){reason}"
 

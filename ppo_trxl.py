@@ -183,13 +183,17 @@ class Args:
     """width of each attention head"""
     ffn_size: int | None = None
     """width of the position-wise MLP inside each layer"""
+    attention_backend: str = "auto"
+    """auto or torch. auto runs the attention on a CPU in this file's C++ loops (built on the first run, about
+    25 s, where a C++ compiler is found; else torch, saying why), on a GPU and under --compile in torch; torch
+    runs the torch path everywhere (bit for bit the runs made before the C++ loops)"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
 
 ARCH = "trxl"
 TRUNK_SIZE_FIELDS = ("hidden_size", "memory_length", "num_layers", "num_heads", "head_size", "ffn_size")
-TRUNK_CHOICE_FIELDS = {}  # trunk flags with a fixed set of values: name -> the values
+TRUNK_CHOICE_FIELDS = {"attention_backend": ("auto", "torch")}  # trunk flags with a fixed set of values
 TRUNK_RANGE_FIELDS = ()  # trunk flags that are (low, high) ranges of positive numbers
 TRUNK_FINITE_FIELDS = ()  # trunk flags that take any finite number
 NO_COMPILE = None  # why --compile is refused for this trunk; None: it compiles and gains
@@ -651,6 +655,290 @@ def make_encoder(obs_space: gym.spaces.Box, args: Args) -> nn.Module:
     # <<< shared: encoders
 
 
+# The sliding-window attention as C++ loops on the CPU: each query scores only the keys of its window (the M
+# steps before it and itself, in its episode) where the torch path scores a block's M + block keys and masks
+# half of them, and one autograd node per layer where the torch path has a dozen ops over [blocks, heads,
+# block, M + block] tensors. Written by hand because no library runs a per-query window with episode starts
+# (PyTorch's CPU flash attention takes a dense mask); tested equal to the torch path in float64 and to finite
+# differences.
+CPU_KERNEL_SOURCE = r"""
+#include <torch/extension.h>
+#include <math.h>
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+template <typename F> using In = const F* __restrict__;
+template <typename F> using Out = F* __restrict__;
+
+// Context position p < M is memory slot p, p >= M is step p - M. Query i (step i, at position M + i) sees the
+// keys p from first[b, i] to M + i: not later, at most M steps back, and in its episode; it scores key p
+// scale * (q . k) - slope[h] * (M + i - p) (ALiBi), and the softmax runs over the keys it sees.
+// q [B, T, H * D]; kv [B, M + T, 2 * H * D] (keys of heads 0..H-1, then their values); starts [T, B] (1 at an
+// episode's first step); in_episode [B] (how many memory slots belong to step 0's episode, at most M).
+// probs [B, H, T, M + 1]: query i's softmax weights, column j for key i + j (0 outside its window).
+
+// first[b, i]: the first context position query i sees: its episode's first position if the episode started
+// in the memory or in these steps, else i (at most M steps back)
+void first_keys(In<float> starts, const int64_t* in_episode, int64_t* first, int64_t T, int64_t B,
+                int64_t M) {
+  for (int64_t b = 0; b < B; ++b) {
+    int64_t episode_first = M - in_episode[b];
+    for (int64_t i = 0; i < T; ++i) {
+      if (starts[i * B + b] != 0) episode_first = M + i;
+      first[b * T + i] = episode_first > i ? episode_first : i;
+    }
+  }
+}
+
+template <int64_t N> struct Size {
+  constexpr int64_t operator()() const { return N; }
+};
+template <typename Run> void with_head_size(int64_t head_size, Run run) {
+  if (head_size == 10) run(Size<10>{});
+  else if (head_size == 16) run(Size<16>{});
+  else if (head_size == 24) run(Size<24>{});
+  else if (head_size == 32) run(Size<32>{});
+  else if (head_size == 64) run(Size<64>{});
+  else run(Size<0>{});
+}
+
+// A block of keys scored at once: 64 bytes, one AVX-512 vector (two of AVX2), kept in a register while the
+// sum over the head's dimensions runs
+template <typename F> struct Block {
+  typedef F Vector __attribute__((vector_size(64)));
+  static constexpr int64_t LANES = 64 / sizeof(F);
+  static Vector load(const F* from) {
+    Vector v;
+    std::memcpy(&v, from, sizeof v);
+    return v;
+  }
+};
+
+// out[j] = sum_d a[d] * rows[d * stride + j] for j in [lo, W) (rows padded with LANES readable entries past
+// W; out with room for LANES - 1 entries past W)
+template <typename F, int64_t SIZE>
+void block_dots(In<F> a, In<F> rows, int64_t stride, int64_t lo, int64_t W, int64_t D, Out<F> out) {
+  using V = typename Block<F>::Vector;
+  for (int64_t j0 = lo; j0 < W; j0 += Block<F>::LANES) {
+    V acc = {};
+    for (int64_t d = 0; d < (SIZE ? SIZE : D); ++d) acc += a[d] * Block<F>::load(rows + d * stride + j0);
+    std::memcpy(out + j0, &acc, sizeof acc);
+  }
+}
+
+// The largest of x[0..n), n >= 1, x readable up to n rounded up to a whole block (the rest no larger)
+template <typename F> F block_max(In<F> x, int64_t n) {
+  using V = typename Block<F>::Vector;
+  V top = Block<F>::load(x);
+  for (int64_t j = Block<F>::LANES; j < n; j += Block<F>::LANES) {
+    const V v = Block<F>::load(x + j);
+    top = top > v ? top : v;
+  }
+  F largest = top[0];
+  for (int64_t u = 1; u < Block<F>::LANES; ++u) largest = std::max(largest, F(top[u]));
+  return largest;
+}
+
+// One (environment, head): its keys or values as [D, M + T + LANES] (zero padding at the end of each row),
+// so that a query's scores are vector operations over blocks of keys
+template <typename F> void transposed(In<F> kv, Out<F> out, int64_t rows, int64_t stride, int64_t D) {
+  const int64_t padded = rows + Block<F>::LANES;
+  for (int64_t p = 0; p < rows; ++p)
+    for (int64_t d = 0; d < D; ++d) out[d * padded + p] = kv[p * stride + d];
+  for (int64_t d = 0; d < D; ++d) std::fill(out + d * padded + rows, out + (d + 1) * padded, F(0));
+}
+
+// out[d] = sum_k weight[k * weight_stride] * rows[k * row_stride + d] for k in [0, n): four running sums, so
+// that the adds do not wait on each other
+template <typename F, int64_t SIZE>
+void weighted_rows(In<F> weight, int64_t weight_stride, In<F> rows, int64_t row_stride, int64_t n, int64_t D,
+                   Out<F> out) {
+  constexpr int64_t MAX = SIZE ? SIZE : 1024;  // head_size <= 1024 (checked by the caller)
+  F acc[4][MAX];
+  for (int64_t k = 0; k < 4; ++k) std::fill(acc[k], acc[k] + D, F(0));
+  int64_t k = 0;
+  for (; k + 4 <= n; k += 4)
+    for (int64_t u = 0; u < 4; ++u) {
+      const F w = weight[(k + u) * weight_stride];
+      In<F> row = rows + (k + u) * row_stride;
+#pragma omp simd
+      for (int64_t d = 0; d < (SIZE ? SIZE : D); ++d) acc[u][d] += w * row[d];
+    }
+  for (; k < n; ++k) {
+    const F w = weight[k * weight_stride];
+    In<F> row = rows + k * row_stride;
+#pragma omp simd
+    for (int64_t d = 0; d < (SIZE ? SIZE : D); ++d) acc[0][d] += w * row[d];
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = (acc[0][d] + acc[1][d]) + (acc[2][d] + acc[3][d]);
+}
+
+template <typename F, int64_t SIZE>
+void attention_forward_loop(In<F> q, In<F> kv, In<F> slopes, const int64_t* first, Out<F> out, Out<F> probs,
+                            int64_t B, int64_t T, int64_t M, int64_t H, int64_t head_size, F scale) {
+  const int64_t I = H * head_size, W = M + 1, L = M + T, D = SIZE ? SIZE : head_size;
+  const int64_t padded = L + Block<F>::LANES;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const F query_scale = scale;  // a local: the lambda's reference could alias the stores below
+    std::vector<F> keys(D * padded), scores(W + Block<F>::LANES), alibi(W);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      for (int64_t j = 0; j < W; ++j) alibi[j] = -slopes[h] * F(M - j);  // column j is M - j steps back
+      transposed(kv + b * L * 2 * I + h * D, keys.data(), L, 2 * I, D);
+      for (int64_t i = 0; i < T; ++i) {
+        Out<F> p_row = probs + (bh * T + i) * W;  // column j: key i + j, at distance M - j
+        const int64_t lo = first[b * T + i] - i;  // the first column seen
+        F* s = scores.data();
+        block_dots<F, SIZE>(q + (b * T + i) * I + h * D, keys.data() + i, padded, lo, W, D, s);
+#pragma omp simd
+        for (int64_t j = lo; j < W; ++j) s[j] = s[j] * query_scale + alibi[j];
+        std::fill(s + W, s + W + Block<F>::LANES, std::numeric_limits<F>::lowest());  // past the window
+        const F top = block_max<F>(s + lo, W - lo);
+        F total = 0;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = lo; j < W; ++j) {
+          s[j] = std::exp(s[j] - top);
+          total += s[j];
+        }
+        const F inverse = F(1) / total;
+        for (int64_t j = 0; j < lo; ++j) p_row[j] = 0;
+#pragma omp simd
+        for (int64_t j = lo; j < W; ++j) p_row[j] = s[j] * inverse;
+        In<F> values = kv + (b * L + i + lo) * 2 * I + I + h * D;  // key i + lo's values, then i + lo + 1's
+        weighted_rows<F, SIZE>(p_row + lo, 1, values, 2 * I, W - lo, D, out + (b * T + i) * I + h * D);
+      }
+    }
+  });
+}
+
+template <typename F, int64_t SIZE>
+void attention_backward_loop(In<F> grad_out, In<F> q, In<F> kv, In<F> probs, const int64_t* first,
+                             Out<F> grad_q, Out<F> grad_kv, int64_t B, int64_t T, int64_t M, int64_t H,
+                             int64_t head_size, F scale) {
+  const int64_t I = H * head_size, W = M + 1, L = M + T, D = SIZE ? SIZE : head_size;
+  const int64_t padded = L + Block<F>::LANES;
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    const F query_scale = scale;  // a local: the lambda's reference could alias the stores below
+    std::vector<F> values(D * padded), grad_scores(T * W + Block<F>::LANES);  // dL/d(q . k), [T, W] as probs
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      In<F> p_rows = probs + bh * T * W;
+      transposed(kv + b * L * 2 * I + I + h * D, values.data(), L, 2 * I, D);
+      for (int64_t i = 0; i < T; ++i) {  // query by query: its scores' gradients, then its own gradient
+        In<F> gi = grad_out + (b * T + i) * I + h * D;
+        In<F> p_row = p_rows + i * W;
+        const int64_t lo = first[b * T + i] - i;
+        F* gs = grad_scores.data() + i * W;  // its blocks write past W, into the next row (written later)
+        block_dots<F, SIZE>(gi, values.data() + i, padded, lo, W, D, gs);  // dL/dp_j
+        F weighted = 0;  // sum_j p_j dL/dp_j
+#pragma omp simd reduction(+ : weighted)
+        for (int64_t j = lo; j < W; ++j) weighted += p_row[j] * gs[j];
+#pragma omp simd
+        for (int64_t j = lo; j < W; ++j) gs[j] = p_row[j] * (gs[j] - weighted) * query_scale;
+        std::fill(gs, gs + lo, F(0));  // outside the window
+        In<F> keys = kv + (b * L + i + lo) * 2 * I + h * D;
+        weighted_rows<F, SIZE>(gs + lo, 1, keys, 2 * I, W - lo, D, grad_q + (b * T + i) * I + h * D);
+      }
+      // Key by key: key p is column p - i of query i's row, for the queries i from max(0, p - M) to
+      // min(T - 1, p) (a diagonal of the [T, W] rows: stride W - 1); a query whose window misses it weighs
+      // it 0
+      for (int64_t p = 0; p < L; ++p) {
+        const int64_t i0 = std::max<int64_t>(0, p - M), n = std::min(T - 1, p) - i0 + 1;
+        Out<F> row = grad_kv + (b * L + p) * 2 * I + h * D;
+        In<F> queries = q + (b * T + i0) * I + h * D, grads = grad_out + (b * T + i0) * I + h * D;
+        weighted_rows<F, SIZE>(grad_scores.data() + i0 * W + p - i0, W - 1, queries, I, n, D, row);
+        weighted_rows<F, SIZE>(p_rows + i0 * W + p - i0, W - 1, grads, I, n, D, row + I);
+      }
+    }
+  });
+}
+
+std::vector<torch::Tensor> attention_forward(torch::Tensor q, torch::Tensor kv, torch::Tensor starts,
+                                             torch::Tensor in_episode, torch::Tensor slopes, int64_t M,
+                                             int64_t H, double scale) {
+  const int64_t B = q.size(0), T = q.size(1), D = q.size(2) / H;
+  TORCH_CHECK(D <= 1024, "head size over 1024");
+  auto first = torch::empty({B, T}, in_episode.options());
+  first_keys(starts.data_ptr<float>(), in_episode.data_ptr<int64_t>(), first.data_ptr<int64_t>(), T, B, M);
+  auto out = torch::empty_like(q), probs = torch::empty({B, H, T, M + 1}, q.options());
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_forward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    with_head_size(D, [&](auto size) {
+      attention_forward_loop<scalar_t, size()>(p(q), p(kv), p(slopes), first.data_ptr<int64_t>(), p(out),
+                                               p(probs), B, T, M, H, D, scalar_t(scale));
+    });
+  });
+  return {out, probs, first};
+}
+
+std::vector<torch::Tensor> attention_backward(torch::Tensor grad_out, torch::Tensor q, torch::Tensor kv,
+                                              torch::Tensor probs, torch::Tensor first, int64_t M, int64_t H,
+                                              double scale) {
+  const int64_t B = q.size(0), T = q.size(1), D = q.size(2) / H;
+  auto grad_q = torch::empty_like(q), grad_kv = torch::empty_like(kv);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_backward", [&] {
+    auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
+    with_head_size(D, [&](auto size) {
+      attention_backward_loop<scalar_t, size()>(p(grad_out), p(q), p(kv), p(probs), first.data_ptr<int64_t>(),
+                                                p(grad_q), p(grad_kv), B, T, M, H, D, scalar_t(scale));
+    });
+  });
+  return {grad_q, grad_kv};
+}
+"""
+
+
+def cpu_kernels():
+    """This file's C++ loops (a module with attention_forward and attention_backward), built the first time on
+    this CPU type (about 25 s; torch caches the build), or None and why. -ffast-math (when compiling only: the
+    process's float mode stays as it is) lets gcc call glibc's vectorised exp; the build's name holds the
+    instruction set, so one cache can serve mixed nodes."""
+    from torch.utils.cpp_extension import load_inline
+
+    capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...
+    isa_flags = {"AVX2": ["-mavx2", "-mfma"], "AVX512": ["-mavx512f", "-mavx512vl", "-mavx512dq", "-mfma"]}
+    name, tic = f"ppo_{ARCH}_cpu_{capability.lower()}", time.time()
+    try:
+        flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
+        functions = ["attention_forward", "attention_backward"]
+        kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
+        kernels.__deepcopy__ = lambda memo: kernels  # copies of an agent share it (a module does not copy)
+        if time.time() - tic > 5:  # a build, not the cached module
+            seconds = time.time() - tic
+            print(f"built the C++ attention loops {name} in {seconds:.0f} s (cached for later runs)")
+        return kernels, None
+    except Exception as error:  # no compiler or no ninja: the torch path does the same work
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        return None, f"the C++ loops did not build ({type(error).__name__}: {first_line})"
+
+
+class CpuAttention(torch.autograd.Function):
+    """Sliding-window attention from the C++ loops (`kernels`: `cpu_kernels`'s module): queries [B, T, inner]
+    and key_values [B, M + T, 2 * inner] -> [B, T, inner], each query's window found from starts [T, B] and
+    in_episode [B] as Trunk.forward's mask finds it; the backward reuses the forward's softmax weights. Eager
+    only: under torch.compile the torch path runs, which the compiler fuses."""
+
+    @staticmethod
+    def forward(ctx, queries, key_values, kernels, starts, in_episode, slopes, memory_length, heads):
+        queries, key_values = queries.contiguous(), key_values.contiguous()
+        ctx.kernels, ctx.sizes = kernels, (memory_length, heads, (queries.shape[-1] // heads) ** -0.5)
+        starts, in_episode = starts.to(torch.float32).contiguous(), in_episode.contiguous()
+        out, weights, first_keys = kernels.attention_forward(
+            queries, key_values, starts, in_episode, slopes.to(queries.dtype), *ctx.sizes
+        )
+        ctx.save_for_backward(queries, key_values, weights, first_keys)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_queries, grad_key_values = ctx.kernels.attention_backward(
+            grad_out.contiguous(), *ctx.saved_tensors, *ctx.sizes
+        )
+        return grad_queries, grad_key_values, None, None, None, None, None, None
+
+
 class TransformerLayer(nn.Module):
     """A Transformer-XL layer (Dai et al. 2019) in its canonical post-LayerNorm form: attention over the
     layer's inputs in the window, then a position-wise MLP, each added to its input and normalised."""
@@ -666,10 +954,15 @@ class TransformerLayer(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(size, args.ffn_size), nn.ReLU(), nn.Linear(args.ffn_size, size))
         self.norm_attention, self.norm_mlp = nn.LayerNorm(size), nn.LayerNorm(size)
 
-    def attend(self, queries: torch.Tensor, key_values: torch.Tensor, scores_bias: torch.Tensor):
-        """queries [B, T, size] attend to key_values [B, M + T, 2 * inner] in blocks; scores_bias [B * blocks,
-        heads, block, M + block] (see Trunk.forward): one batched attention for every block of every env."""
-        (batch, steps), (block, window) = queries.shape[:2], scores_bias.shape[-2:]
+    def attend(self, queries: torch.Tensor, key_values: torch.Tensor, mask) -> torch.Tensor:
+        """queries [B, T, size] attend to key_values [B, M + T, 2 * inner] over each query's window (see
+        Trunk.forward). mask: the torch path's scores_bias [B * blocks, heads, block, M + block], for one
+        batched attention over every block of every env; or the C++ loops' arguments (kernels, starts,
+        in_episode, slopes), which find each query's window from the starts themselves."""
+        if isinstance(mask, tuple):
+            sizes = self.memory_length, self.num_heads
+            return self.out(CpuAttention.apply(self.query(queries), key_values, *mask, *sizes))
+        (batch, steps), (block, window) = queries.shape[:2], mask.shape[-2:]
         q = self.query(queries).view(-1, block, self.num_heads, self.head_size).transpose(1, 2)
         # Each block's window, sliced and stacked: [B, blocks, M + block, 2 * inner]. (An overlapping `unfold`
         # gives the same values, but torch.compile's CPU backward of it wrote out of bounds in torch 2.13)
@@ -678,20 +971,21 @@ class TransformerLayer(nn.Module):
         # Written out rather than scaled_dot_product_attention: on the CPU that checks every row for being
         # fully masked, which costs more than the attention at these sizes; here no row is (a step sees
         # itself)
-        weights = (q @ k.transpose(-1, -2) * self.head_size**-0.5 + scores_bias).softmax(-1)
+        weights = (q @ k.transpose(-1, -2) * self.head_size**-0.5 + mask).softmax(-1)
         return self.out((weights @ v).transpose(1, 2).reshape(batch, steps, -1))
 
     def key_values(self, inputs: torch.Tensor) -> torch.Tensor:
         """Layer inputs [B, L, size] -> their keys and values [B, L, 2 * inner]."""
         return self.key_value(inputs)
 
-    def forward(self, context: torch.Tensor, scores_bias: torch.Tensor, key_values=None) -> torch.Tensor:
-        """context [B, M + T, size]: the layer inputs of the M memory steps, then of the T current steps;
-        key_values: theirs, where already projected (a rollout step)."""
-        x = context[:, self.memory_length :]
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, mask, key_values=None) -> torch.Tensor:
+        """x [B, T, size]: the layer inputs of the T current steps; memory [B, M, size]: those of the M steps
+        before them; key_values: the keys and values of both, where already projected (a rollout step)."""
         if key_values is None:
-            key_values = self.key_values(context)
-        x = self.norm_attention(x + self.attend(x, key_values, scores_bias))
+            # x as the context's view: its gradient then sums in the order it did before the C++ loops
+            context = torch.cat([memory, x], 1)
+            x, key_values = context[:, self.memory_length :], self.key_values(context)
+        x = self.norm_attention(x + self.attend(x, key_values, mask))
         return self.norm_mlp(x + self.mlp(x))
 
 
@@ -705,8 +999,9 @@ class Trunk(nn.Module):
     queries are the T steps, keys and values the M memory steps followed by the T steps, and a query sees a
     key only if the key is not later, at most M steps earlier, and in the same episode. That mask reproduces
     the rollout's window exactly, so training recomputes the very outputs (and log-probabilities) the rollout
-    saw. A query sees at most M + 1 keys, so queries go in blocks of min(T, M) steps, each scored against its
-    own M + block keys only.
+    saw. A query sees at most M + 1 keys: in the torch path queries go in blocks of min(T, M) steps, each
+    scored against its own M + block keys only; with `--attention-backend auto` on a CPU, this file's C++
+    loops score each query against the keys of its window alone (tested equal).
 
     Positions are relative, as in Transformer-XL, in ALiBi's form (Press et al. 2022, "Train Short, Test
     Long"): head h subtracts slope_h x distance from its attention scores, with fixed slopes 2^(-8h / heads),
@@ -721,13 +1016,24 @@ class Trunk(nn.Module):
         self.memory_length = args.memory_length
         self.output_size = args.hidden_size
         self.state_reset = not args.no_state_reset
-        self.kernel = "block-local attention, one batched call per layer"
+        self.cpu_kernels, self.why_torch = None, None
+        if args.attention_backend == "auto" and not (args.cuda and torch.cuda.is_available()):
+            self.cpu_kernels, self.why_torch = cpu_kernels()
+            if self.why_torch:
+                print(f"--attention-backend auto: {self.why_torch}; using the torch path", file=sys.stderr)
         heads = torch.arange(1, args.num_heads + 1)
         self.register_buffer("slopes", 2.0 ** (-8.0 * heads / args.num_heads), persistent=False)
         self.windows = {}  # (block, device) -> a block's ALiBi scores, -inf outside its window
         self.rollout_cache = None  # the last rollout step's memory, weight versions and keys and values
         # Listed once, as the optimizer holds them: walking the modules costs 0.1 ms, at every rollout step
         self.layer_parameters = list(self.layers.parameters())
+
+    @property
+    def kernel(self) -> str:
+        if self.cpu_kernels is not None and self.slopes.device.type == "cpu":
+            return "C++ sliding-window attention on the CPU (the torch path under --compile)"
+        reason = f"; auto backend: {self.why_torch}" if self.why_torch else ""
+        return f"block-local attention, one batched call per layer{reason}"
 
     def window(self, block: int, device: torch.device) -> torch.Tensor:
         """Query i of a block attends to key j of its window at distance M + i - j (query time minus key
@@ -752,9 +1058,43 @@ class Trunk(nn.Module):
     def forward(self, x: torch.Tensor, state, starts: torch.Tensor):
         """x [T, B, size], starts [T, B] -> y [T, B, size], state after step T - 1."""
         memory, in_episode = state
-        (steps, envs), memory_length = x.shape[:2], self.memory_length
+        steps, memory_length = x.shape[0], self.memory_length
         if not self.state_reset:
             starts = torch.zeros_like(starts)
+        if self.cpu_kernels is not None and x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # The C++ loops find each query's window from the starts: no blocks, no padding
+            mask, padding = (self.cpu_kernels, starts, in_episode, self.slopes), 0
+        else:
+            mask, padding = self.scores_bias(starts, in_episode)
+
+        # A rollout step (one step, no gradient) projects only its own input to keys and values; the memory's
+        # come from the step before, which projected the same M inputs under the same weights
+        rollout_step = steps == 1 and not torch.is_grad_enabled()
+        memory_key_values = self.memory_key_values(memory) if rollout_step else None
+        h, last_inputs, new_key_values = nn.functional.pad(x.transpose(0, 1), (0, 0, 0, padding)), [], []
+        for index, layer in enumerate(self.layers):  # h: [B, T + padding, size]
+            last_inputs.append(h[:, max(steps - memory_length, 0) : steps].detach())  # at most M real steps
+            key_values = None  # training: the layer projects its memory and inputs itself
+            if rollout_step:  # the window moves on by one: the oldest memory step leaves it
+                key_values = torch.cat([memory_key_values[index][:, 1:], layer.key_values(h)], 1)
+                new_key_values.append(key_values)
+            h = layer(h, memory[:, index], mask, key_values)
+        # Steps of the current episode after this call: since the last start, or added to those before
+        last_start = torch.where(starts.T.bool(), torch.arange(steps, device=x.device), -1).amax(1)
+        in_episode = torch.where(last_start >= 0, steps - last_start, in_episode + steps)
+        in_episode = in_episode.clamp(max=memory_length)
+        # The last M inputs of every layer, in one copy: the memory's latest M - T steps (none when T >= M),
+        # then the inputs' last steps
+        new_memory = torch.cat([memory[:, :, steps:], torch.stack(last_inputs, 1)], 2)
+        if rollout_step:
+            self.remember_key_values(new_memory, new_key_values)
+        return h[:, :steps].transpose(0, 1), (new_memory, in_episode)
+
+    def scores_bias(self, starts: torch.Tensor, in_episode: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """The torch path's mask for steps with starts [T, B]: each block's ALiBi scores with -inf outside
+        each query's window ([B * blocks, heads, block, M + block]), and the steps padded to fill the last
+        block."""
+        (steps, envs), memory_length, device = starts.shape, self.memory_length, starts.device
         # Queries go in blocks of `block` steps; a block's keys are the M steps before it and the block itself
         # (M + block keys, not M + T: most of a full T x (M + T) score matrix would be masked). Steps padded
         # at the end to fill the last block come after every real step, so no real step sees them.
@@ -766,37 +1106,15 @@ class Trunk(nn.Module):
         # on by one.
         # Floats (exact up to 2^24), and a float window: compiled, inductor rebuilds this mask inside every
         # layer's softmax, and with 64-bit integer indices and a bool window it took 2.5x as long (AVX2)
-        slots = torch.arange(memory_length, device=x.device)
+        slots = torch.arange(memory_length, device=device)
         memory_episode = torch.where(slots >= memory_length - in_episode[:, None], 0.0, -1.0)
         step_episode = nn.functional.pad(starts.T, (0, padding)).cumsum(1)  # [B, T + padding]
         key_episode = torch.cat([memory_episode, step_episode], 1).unfold(1, memory_length + block, block)
         query_episode = step_episode.view(envs, blocks, block)
-        window = self.window(block, x.device)  # built once per block size (rollout: 1, training: M)
+        window = self.window(block, device)  # built once per block size (rollout: 1, training: M)
         other_episode = query_episode[..., None] != key_episode[:, :, None]
         scores_bias = torch.where(other_episode[:, :, None], -math.inf, window)
-        scores_bias = scores_bias.flatten(0, 1)  # [B * blocks, heads, block, M + block]
-
-        # A rollout step (one step, no gradient) projects only its own input to keys and values; the memory's
-        # come from the step before, which projected the same M inputs under the same weights
-        rollout_step = steps == 1 and not torch.is_grad_enabled()
-        memory_key_values = self.memory_key_values(memory) if rollout_step else None
-        h, new_memory, new_key_values = nn.functional.pad(x.transpose(0, 1), (0, 0, 0, padding)), [], []
-        for index, layer in enumerate(self.layers):  # h: [B, T + padding, size]
-            context = torch.cat([memory[:, index], h], 1)  # the layer's inputs, memory first
-            new_memory.append(context[:, steps : steps + memory_length].detach())  # the last M real steps
-            key_values = None  # training: the layer projects the whole context itself
-            if rollout_step:  # the window moves on by one: the oldest memory step leaves it
-                key_values = torch.cat([memory_key_values[index][:, 1:], layer.key_values(h)], 1)
-                new_key_values.append(key_values)
-            h = layer(context, scores_bias, key_values)
-        # Steps of the current episode after this call: since the last start, or added to those before
-        last_start = torch.where(starts.T.bool(), torch.arange(steps, device=x.device), -1).amax(1)
-        in_episode = torch.where(last_start >= 0, steps - last_start, in_episode + steps)
-        in_episode = in_episode.clamp(max=memory_length)
-        new_memory = torch.stack(new_memory, 1)
-        if rollout_step:
-            self.remember_key_values(new_memory, new_key_values)
-        return h[:, :steps].transpose(0, 1), (new_memory, in_episode)
+        return scores_bias.flatten(0, 1), padding  # [B * blocks, heads, block, M + block]
 
     def weight_versions(self) -> list[int]:
         """In-place change counters of the layers' weights (autograd's own): an optimizer step raises them."""

@@ -1,12 +1,13 @@
 """Attention trunks (`Trunk.layers`, ppo_trxl.py and ppo_gtrxl.py): a sliding window of M steps in the current
-episode, the same in one-step rollout calls and in one whole-sequence training call, and a state whose size is
-fixed by M alone. GTrXL's gates start each layer close to the identity map."""
+episode, the same in one-step rollout calls and in one whole-sequence training call, with the C++ loops and
+with the torch path, and a state whose size is fixed by M alone. GTrXL's gates start each layer close to the
+identity map."""
 
 import copy
 
 import pytest
 import torch
-from conftest import DOMAINS, ENVS, ROOT, STEPS, load, outputs, rollout_batch
+from conftest import DOMAINS, ENVS, ROOT, STEPS, assert_agree_to_float32_rounding, load, outputs, rollout_batch
 
 # Windows shorter than the sequence, so the M-step limit is exercised: 12 steps are 4 blocks of 3 queries, or
 # 3 blocks of 5 with the last one padded
@@ -20,14 +21,17 @@ def attention_module(script):
     return module
 
 
-def windowed_batch(module, device, memory_length):
+def windowed_batch(module, device, memory_length, backend="auto"):
     argv = [*DOMAINS["classic"], "--memory-length", str(memory_length), "--num-layers", "2"]
-    return rollout_batch(module, "classic", device, argv=argv)
+    return rollout_batch(module, "classic", device, argv=[*argv, "--attention-backend", backend])
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])  # auto: the C++ loops on a CPU
 @pytest.mark.parametrize("memory_length", MEMORY_LENGTHS)
-def test_one_step_calls_equal_one_call_when_the_window_is_shorter_than_the_sequence(script, memory_length, device):
-    agent, obs, starts, actions = windowed_batch(attention_module(script), device, memory_length)
+def test_one_step_calls_equal_one_call_when_the_window_is_shorter_than_the_sequence(
+    script, memory_length, backend, device
+):
+    agent, obs, starts, actions = windowed_batch(attention_module(script), device, memory_length, backend)
     whole, whole_state = outputs(agent, obs, agent.initial_state(ENVS, device), starts, actions)
     state, steps = agent.initial_state(ENVS, device), []
     for t in range(STEPS):
@@ -38,11 +42,12 @@ def test_one_step_calls_equal_one_call_when_the_window_is_shorter_than_the_seque
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 @pytest.mark.parametrize("memory_length", MEMORY_LENGTHS)
-def test_a_step_sees_exactly_layers_times_m_steps_back(script, memory_length, device):
+def test_a_step_sees_exactly_layers_times_m_steps_back(script, memory_length, backend, device):
     """Each layer looks M steps back at the layer below, so L layers reach L * M steps back (Dai et al.'s
     O(N x L) context): an observation L * M + 1 steps back changes nothing, L * M steps back it does."""
-    agent, obs, starts, actions = windowed_batch(attention_module(script), device, memory_length)
+    agent, obs, starts, actions = windowed_batch(attention_module(script), device, memory_length, backend)
     starts.zero_()
     starts[0] = 1
     t, reach = STEPS - 1, len(agent.trunk.layers) * memory_length
@@ -122,6 +127,123 @@ def test_state_size_is_fixed_by_the_memory_length_alone(script, device):
     shape = (ENVS, len(agent.trunk.layers), MEMORY_LENGTHS[0], agent.trunk.output_size)
     assert memory.shape == short_state[0].shape == shape
     assert in_episode.tolist() == [MEMORY_LENGTHS[0]] * ENVS and short_state[1].tolist() == [2] * ENVS
+
+
+ATTENTION = [ROOT / "ppo_trxl.py", ROOT / "ppo_gtrxl.py"]
+CPU_KERNEL, TORCH_KERNEL = "C++ sliding-window attention", "block-local attention"
+
+
+def trunks_by_backend(script, argv: list[str], dtype: torch.dtype) -> dict:
+    """The script's trunk with the C++ loops (auto) and with the torch path, the same weights."""
+    module, trunks = load(script), {}
+    for backend in ("auto", "torch"):
+        args = module.parse_args([*argv, "--attention-backend", backend])
+        torch.manual_seed(0)
+        trunks[backend] = module.Trunk(args.hidden_size, args).to(dtype)
+    assert trunks["auto"].kernel.startswith(CPU_KERNEL) and trunks["torch"].kernel.startswith(TORCH_KERNEL)
+    return trunks
+
+
+def trunk_results(trunk, x, state, starts) -> list[torch.Tensor]:
+    """Training (outputs, state, and the gradients of x and every weight) and two rollout steps after it."""
+    x = x.clone().requires_grad_()
+    y, new_state = trunk(x, state, starts)
+    torch.manual_seed(2)
+    weights = torch.randn(y.shape, dtype=y.dtype)
+    gradients = torch.autograd.grad((y * weights).sum(), [x, *trunk.parameters()])
+    with torch.inference_mode():  # the rollout: one step at a time, the second from the first's key/value cache
+        step, step_state = trunk(x[:1], new_state, starts[:1])
+        second, second_state = trunk(x[1:2], step_state, starts[1:2])
+    return [y, *new_state, *gradients, step, *step_state, second, *second_state]
+
+
+@pytest.mark.parametrize("script", ATTENTION, ids=lambda path: path.stem)
+@pytest.mark.parametrize("head_size", [3, 16])  # 16: a head size the loops know at compile time
+def test_trunk_with_the_cpu_loops_equals_the_trunk_with_the_torch_path(script, head_size):
+    """`auto` (the C++ loops on a CPU) and `torch`, in float64: the same outputs, state and gradients, over 13
+    steps with a window of 5 (the torch path pads its last block), starts inside and a warm memory partly in the
+    episode, and in rollout steps. (Float32 rounding: below.)"""
+    argv = [*DOMAINS["classic"], "--memory-length", "5", "--num-layers", "2", "--num-heads", "2"]
+    trunks = trunks_by_backend(script, [*argv, "--head-size", str(head_size)], torch.float64)
+    size, steps = trunks["auto"].output_size, 13
+    torch.manual_seed(1)
+    x = torch.randn(steps, ENVS, size, dtype=torch.float64)
+    starts = torch.zeros(steps, ENVS, dtype=torch.float64)
+    starts[[0, 4, 5, 12], [0, 1, 1, 2]] = 1
+    memory = torch.randn(ENVS, 2, 5, size, dtype=torch.float64)
+    state = memory, torch.tensor([0, 3, 5])  # memory steps in the current episode
+    results = {backend: trunk_results(trunk, x, state, starts) for backend, trunk in trunks.items()}
+    for auto_result, torch_result in zip(*results.values(), strict=True):
+        torch.testing.assert_close(auto_result, torch_result, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("script", ATTENTION, ids=lambda path: path.stem)
+def test_cpu_attention_in_float32_at_the_row_size_agrees_with_the_torch_path(script):
+    """The C++ loops vectorise their sums in float32 (reassociated): at the MemoryS11 symbolic row's sizes (M 64,
+    128 steps, the script's heads) they must still agree with the torch path to float32 rounding."""
+    trunks = trunks_by_backend(script, DOMAINS["minigrid-symbolic"], torch.float32)
+    size, memory_length, layers = trunks["auto"].output_size, trunks["auto"].memory_length, 2
+    torch.manual_seed(1)
+    x = torch.randn(128, 2, size)
+    starts = (torch.rand(128, 2) < 0.02).float()
+    state = torch.randn(2, layers, memory_length, size), torch.tensor([10, memory_length])
+    results = {backend: trunk_results(trunk, x, state, starts) for backend, trunk in trunks.items()}
+    for auto_result, torch_result in zip(*results.values(), strict=True):
+        if auto_result.is_floating_point():
+            assert_agree_to_float32_rounding(auto_result, torch_result)
+        else:
+            assert torch.equal(auto_result, torch_result)
+
+
+@pytest.mark.parametrize("script", ATTENTION, ids=lambda path: path.stem)
+def test_cpu_attention_gradients_equal_finite_differences(script):
+    module = load(script)
+    kernels, why_torch = module.cpu_kernels()
+    assert kernels is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
+    torch.manual_seed(0)
+    envs, steps, memory_length, heads, head_size = 2, 5, 3, 2, 3
+    queries = torch.randn(envs, steps, heads * head_size, dtype=torch.float64, requires_grad=True)
+    key_values = torch.randn(envs, memory_length + steps, 2 * heads * head_size, dtype=torch.float64)
+    starts = torch.zeros(steps, envs)
+    starts[2, 0] = 1
+    in_episode, slopes = torch.tensor([1, 3]), torch.tensor([0.25, 0.0625], dtype=torch.float64)
+
+    def attention(queries, key_values):
+        return module.CpuAttention.apply(queries, key_values, kernels, starts, in_episode, slopes, memory_length, heads)
+
+    assert torch.autograd.gradcheck(attention, (queries, key_values.requires_grad_()))
+
+
+def test_cpu_gate_equals_the_torch_gate_and_its_gradients_equal_finite_differences():
+    """GTrXL's GRU-type gate from the C++ loops: the torch gate's output and gradients in float64, and gradcheck."""
+    module = load(ROOT / "ppo_gtrxl.py")
+    kernels, why_torch = module.cpu_kernels()
+    assert kernels is not None, why_torch
+    torch.manual_seed(0)
+    gate = module.GRUGate(4, gate_bias=0.5).double()
+    x, y = (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    leaves = [x, y, *gate.parameters()]
+    weights = torch.randn(2, 3, 4, dtype=torch.float64)
+    for kernel_result, torch_result in zip(
+        [gate(x, y, kernels), *torch.autograd.grad((gate(x, y, kernels) * weights).sum(), leaves)],
+        [gate(x, y), *torch.autograd.grad((gate(x, y) * weights).sum(), leaves)],
+        strict=True,
+    ):
+        torch.testing.assert_close(kernel_result, torch_result, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *inputs: gate(*inputs, kernels), (x, y))
+    in_order = gate.from_y.weight, gate.from_x.weight, gate.from_reset_x.weight, gate.gate_bias
+    gate_weights = [weight.detach().clone().requires_grad_() for weight in in_order]
+    assert torch.autograd.gradcheck(lambda *w: module.CpuGate.apply(x, y, *w, kernels), gate_weights)
+
+
+@pytest.mark.parametrize("script", ATTENTION, ids=lambda path: path.stem)
+def test_auto_without_a_compiler_falls_back_to_the_torch_path_and_says_why(script, no_cpp_compiler, capsys):
+    module = load(script)
+    args = module.parse_args(DOMAINS["classic"])
+    trunk = module.Trunk(args.hidden_size, args)
+    assert trunk.kernel.startswith(TORCH_KERNEL) and trunk.kernel.endswith(no_cpp_compiler)
+    assert trunk.cpu_kernels is None
+    assert capsys.readouterr().err.strip() == f"--attention-backend auto: {no_cpp_compiler}; using the torch path"
 
 
 @pytest.mark.parametrize("domain", ["classic", "minigrid-symbolic"])

@@ -9,7 +9,18 @@ import sys
 
 import pytest
 import torch
-from conftest import DOMAINS, ROOT, TEMPLATE, TINY, load, outputs, rollout_batch, run_script, tf32_off
+from conftest import (
+    DOMAINS,
+    ROOT,
+    TEMPLATE,
+    TINY,
+    assert_agree_to_float32_rounding,
+    load,
+    outputs,
+    rollout_batch,
+    run_script,
+    tf32_off,
+)
 
 MAMBA, MAMBA2 = ROOT / "ppo_mamba.py", ROOT / "ppo_mamba2.py"
 STEPS, ENVS = 13, 3
@@ -109,12 +120,6 @@ def test_cpu_scan_gradients_equal_finite_differences():
     assert torch.autograd.gradcheck(lambda *a: scan(*a[:5], keep, a[5]), (x, dt, A, B, C, initial))
 
 
-def assert_agree_to_float32_rounding(got, expected, name=None):
-    """Equal to 1e-4 relative or 1e-5 of the largest entry: the C++ loops and the torch path add in other orders."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
-
-
 def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan():
     """The C++ loop vectorises its sums in float32 (reassociated): at MemoryS11's sizes it must still agree with
     the torch loops to float32 rounding, forward and backward, starts and a warm state included."""
@@ -142,7 +147,7 @@ def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan():
 # Each script's flag for its C++ loops or its torch path, and the start of `kernel` with each
 BACKENDS = {
     MAMBA: ("--mamba-backend", "C++ convolution and selective scan", "torch selective scan"),
-    MAMBA2: ("--mamba-backend", "C++ convolution and SSD", "torch chunked SSD"),
+    MAMBA2: ("--mamba-backend", "C++ convolution, SSD and gated norm", "torch chunked SSD"),
 }
 
 
@@ -247,6 +252,29 @@ def test_cpu_ssd_gradients_equal_finite_differences():
     keep = (~episode_starts()).double()
     inputs = [t.requires_grad_() for t in ssd_inputs(state_size=2, heads=2, head_size=2)]
     assert torch.autograd.gradcheck(lambda *a: module.CpuSSD.apply(*a[:5], keep, a[5], kernels), inputs)
+
+
+def test_cpu_gated_norm_equals_the_torch_norm_and_its_gradients_equal_finite_differences():
+    """Mamba-2's norm(flatten(y + D x) * silu(z)) from the C++ loops against the torch path's ops, in float64 and
+    at float32's rounding, and gradcheck."""
+    module, kernels = cpu_kernels()
+    torch.manual_seed(0)
+    for dtype, check in ((torch.float64, None), (torch.float32, assert_agree_to_float32_rounding)):
+        norm = torch.nn.RMSNorm(12, eps=1e-5).to(dtype)
+        torch.nn.init.normal_(norm.weight)
+        y, x = (torch.randn(5, 2, 3, 4, dtype=dtype, requires_grad=True) for _ in range(2))
+        D, z = torch.randn(3, dtype=dtype, requires_grad=True), torch.randn(5, 2, 12, dtype=dtype, requires_grad=True)
+        leaves, weights = [y, x, D, z, norm.weight], torch.randn(5, 2, 12, dtype=dtype)
+        torch_out = norm((y + x * D[:, None]).flatten(-2) * torch.nn.functional.silu(z))
+        cpu_out = module.CpuGatedNorm.apply(y, x, D, z, norm.weight, norm.eps, kernels)
+        expected = [torch_out, *weighted_gradients([torch_out], [weights], leaves)]
+        for got, want in zip([cpu_out, *weighted_gradients([cpu_out], [weights], leaves)], expected, strict=True):
+            if check is None:
+                torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+            else:
+                check(got, want)
+    inputs = [t.detach().double().requires_grad_() for t in (y, x, D, z, norm.weight)]
+    assert torch.autograd.gradcheck(lambda *a: module.CpuGatedNorm.apply(*a, 1e-5, kernels), inputs)
 
 
 def test_cpu_loops_in_float32_at_the_row_size_agree_with_the_torch_path():

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOMAINS, ROOT, load
+from conftest import DOMAINS, ROOT, assert_agree_to_float32_rounding, load
 
 STEPS, ENVS = 128, 4
 RECURRENT = {"ppo_lstm.py": ("--lstm-backend", "nn.LSTM"), "ppo_gru.py": ("--gru-backend", "nn.GRU")}  # flag, rnn
@@ -201,7 +201,7 @@ def test_the_c_plus_plus_loops_agree_with_nn_rnn_in_float32_at_the_memory_row_si
         results[backend] = [y, *torch.autograd.grad((y * weights).sum(), [x, *trunk.parameters()])]
         results[backend] += list(final_state) if isinstance(final_state, tuple) else [final_state]
     for nn_rnn, loops in zip(*results.values(), strict=True):
-        torch.testing.assert_close(loops, nn_rnn, rtol=1e-4, atol=1e-5 * nn_rnn.abs().max().item())
+        assert_agree_to_float32_rounding(loops, nn_rnn)
 
 
 @pytest.mark.parametrize("script", list(RECURRENT))

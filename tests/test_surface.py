@@ -1,5 +1,7 @@
 """The function surface of DESIGN section 3, in every domain, and parameter parity (section 6)."""
 
+import copy
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -64,6 +66,17 @@ def test_starts_may_be_bool(module):
     as_float, _ = agent.get_value(obs, state, torch.ones(1, 2))
     as_bool, _ = agent.get_value(obs, state, torch.ones(1, 2, dtype=torch.bool))
     torch.testing.assert_close(as_float, as_bool)
+
+
+def test_an_agent_deep_copies(module):
+    """copy.deepcopy of an agent (a target network, a snapshot) works with the C++ loops too: the copy shares
+    the loaded extension and computes what the original does, and its weights are its own."""
+    _, envs, agent = build(module, "classic")
+    obs = torch.as_tensor(envs.reset(seed=0)[0])[None]
+    state, starts = agent.initial_state(2, torch.device("cpu")), torch.ones(1, 2)
+    copied = copy.deepcopy(agent)
+    torch.testing.assert_close(copied.get_value(obs, state, starts)[0], agent.get_value(obs, state, starts)[0])
+    assert all(a is not b for a, b in zip(copied.parameters(), agent.parameters(), strict=True))
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
