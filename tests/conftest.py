@@ -87,6 +87,14 @@ def assert_agree_to_float32_rounding(got, expected, name=None):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
+def built_cpu_kernels(module):
+    """A script module's C++ loops of this machine's build; they must build wherever the tests run (CI's CPU has a
+    compiler)."""
+    kernels, why_torch = module.cpu_kernels()
+    assert kernels is not None, why_torch
+    return kernels
+
+
 def load(script: Path):
     """Import a script as a module (once per test session)."""
     if script not in _modules:

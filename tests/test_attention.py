@@ -7,7 +7,17 @@ import copy
 
 import pytest
 import torch
-from conftest import DOMAINS, ENVS, ROOT, STEPS, assert_agree_to_float32_rounding, load, outputs, rollout_batch
+from conftest import (
+    DOMAINS,
+    ENVS,
+    ROOT,
+    STEPS,
+    assert_agree_to_float32_rounding,
+    built_cpu_kernels,
+    load,
+    outputs,
+    rollout_batch,
+)
 
 # Windows shorter than the sequence, so the M-step limit is exercised: 12 steps are 4 blocks of 3 queries, or
 # 3 blocks of 5 with the last one padded
@@ -198,8 +208,7 @@ def test_cpu_attention_in_float32_at_the_row_size_agrees_with_the_torch_path(scr
 @pytest.mark.parametrize("script", ATTENTION, ids=lambda path: path.stem)
 def test_cpu_attention_gradients_equal_finite_differences(script):
     module = load(script)
-    kernels, why_torch = module.cpu_kernels()
-    assert kernels is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
+    kernels = built_cpu_kernels(module)
     torch.manual_seed(0)
     envs, steps, memory_length, heads, head_size = 2, 5, 3, 2, 3
     queries = torch.randn(envs, steps, heads * head_size, dtype=torch.float64, requires_grad=True)
@@ -217,8 +226,7 @@ def test_cpu_attention_gradients_equal_finite_differences(script):
 def test_cpu_gate_equals_the_torch_gate_and_its_gradients_equal_finite_differences():
     """GTrXL's GRU-type gate from the C++ loops: the torch gate's output and gradients in float64, and gradcheck."""
     module = load(ROOT / "ppo_gtrxl.py")
-    kernels, why_torch = module.cpu_kernels()
-    assert kernels is not None, why_torch
+    kernels = built_cpu_kernels(module)
     torch.manual_seed(0)
     gate = module.GRUGate(4, gate_bias=0.5).double()
     x, y = (torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True) for _ in range(2))

@@ -15,6 +15,7 @@ from conftest import (
     TEMPLATE,
     TINY,
     assert_agree_to_float32_rounding,
+    built_cpu_kernels,
     load,
     outputs,
     rollout_batch,
@@ -77,8 +78,7 @@ def selective_scan(name: str):
     module = load(MAMBA)
     if name == "torch":
         return module.SelectiveScan.apply
-    kernels, why_torch = module.cpu_kernels()
-    assert kernels is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
+    kernels = built_cpu_kernels(module)
     return lambda *inputs: module.CpuSelectiveScan.apply(*inputs, kernels)
 
 
@@ -182,9 +182,7 @@ def test_trunk_with_the_cpu_loops_equals_the_trunk_with_the_torch_path(script):
 def cpu_kernels(script=MAMBA2):
     """The script and its C++ loops of this machine's build."""
     module = load(script)
-    kernels, why_torch = module.cpu_kernels()
-    assert kernels is not None, why_torch  # it must build wherever the tests run (CI's CPU has a compiler)
-    return module, kernels
+    return module, built_cpu_kernels(module)
 
 
 def ssd_inputs(state_size: int, heads: int = 2, head_size: int = 4, steps: int = STEPS, envs: int = ENVS):
