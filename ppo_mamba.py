@@ -181,10 +181,11 @@ class Args:
     conv_size: int = 4
     """width of the causal depthwise convolution (Mamba's d_conv)"""
     mamba_backend: str = "auto"
-    """auto or torch. auto runs the convolution and the selective scan on a CPU in this file's C++ loops
-    (built on the first run, about 30 s, where a C++ compiler is found; else torch, saying why), on a GPU and
-    under --compile in torch; torch runs them in torch everywhere (bit for bit the runs made before the C++
-    loops). No cuda: mamba-ssm's Mamba-1 scan takes no initial state and no resets"""
+    """auto or torch. auto runs the convolution and the selective scan (with dt's softplus, the D skip and the
+    gate) on a CPU in this file's C++ loops (built on the first run, about 30 s, where a C++ compiler is found;
+    else torch, saying why), on a GPU and under --compile in torch; torch runs them in torch everywhere (bit
+    for bit the runs made before the C++ loops). No cuda: mamba-ssm's Mamba-1 scan takes no initial state
+    and no resets"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
@@ -678,20 +679,23 @@ def causal_conv(x: torch.Tensor, window: torch.Tensor, conv: nn.Conv1d, starts: 
 
 
 # The causal convolution (with its SiLU) as one C++ loop per environment, exact at episode starts, and the
-# selective scan as one per (environment, channel), the state in registers and exp vectorised over its
-# entries: one autograd node each. Written by hand because no library runs these on the CPU (mamba-ssm's
-# kernels are CUDA-only); tested equal to `causal_conv` and SelectiveScan below in float64 and to finite
-# differences.
+# selective scan with the softplus before it and the D skip and gate after it (what mamba-ssm's
+# selective_scan_fn fuses) as one per (environment, block of channels), the channels in vector lanes: one
+# autograd node each. Written by hand because no library runs these on the CPU (mamba-ssm's kernels are
+# CUDA-only); tested equal to `causal_conv` and to SelectiveScan with the torch ops around it in float64, and
+# to finite differences.
 CPU_KERNEL_SOURCE = r"""
 #include <torch/extension.h>
 #include <math.h>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 constexpr int64_t MAX_STATE = 256;  // CPU_SCAN_MAX_STATE: the Trunk sends larger states to the torch scan
 template <typename F> using In = const F* __restrict__;
 template <typename F> using Out = F* __restrict__;
-// The state size as a compile-time constant where it is a common one (SIZE > 0), so that the loops over it
-// are vectorised whole (a runtime 8 left them to the scalar remainder of 16-wide loops), else `state_size`.
+// The state size as a compile-time constant where it is a common one (SIZE > 0), so that the compiler unrolls
+// the loops over it (the scan 3-5% faster at the MemoryS11 row's sizes), else `state_size`.
 template <int64_t SIZE> using Size = std::integral_constant<int64_t, SIZE>;
 template <typename Run> void with_state_size(int64_t state_size, Run run) {
   if (state_size == 8) run(Size<8>{});
@@ -794,75 +798,213 @@ void conv_backward_loop(Padded<const F*> in, In<F> weight, In<F> starts, In<F> p
   });
 }
 
-// h_t = keep_t exp(dt_t A) h_{t-1} + dt_t x_t B_t and y_t = C_t . h_t. x, dt [T, N, D]; A [D, S];
-// B, C [T, N, S]; keep [T, N]; h0 [N, D, S]. Writes y [T, N, D] and the states h_0 .. h_{T-1} [T, N, D, S].
+// The scan takes one environment's channels in blocks of 64 bytes (16 floats or 8 doubles), a block one GCC
+// vector (one AVX-512 register, two AVX2 ones): the channels are the lanes and the state entries a loop, so
+// y_t = C_t . h_t is a running sum in a register, not a sum across lanes. The channels are padded to whole
+// blocks with zeros (x = 0, dt = 0, h0 = 0: the padding's state stays 0 and adds exactly 0 to every sum over
+// channels).
+template <typename F> struct Block {
+  static constexpr int64_t LANES = 64 / sizeof(F);
+  typedef F V __attribute__((vector_size(64)));
+  typedef std::conditional_t<sizeof(F) == 4, int32_t, int64_t> Int __attribute__((vector_size(64)));
+  static V load(const F* from) {
+    V v;
+    std::memcpy(&v, from, sizeof v);
+    return v;
+  }
+  static void store(F* to, V v) { std::memcpy(to, &v, sizeof v); }
+};
+
+// exp(x), x <= 0, for a block, inline: glibc's vector exp is a call, and each call sent the loop's running
+// values to memory and back. exp(x) = 2^n exp(r) with n = round(x / ln 2) and r = x - n ln 2 in
+// [-ln2/2, ln2/2] (ln 2 in two parts, so that r is exact to rounding); exp(r) by its Taylor series to r^7
+// (float) or r^13 (double), whose next term is below the type's rounding; 2^n from its exponent bits. Below
+// -87 (float; -708, double) x is taken as -87: an error under 1e-38 (1e-307), where 2^n has no normal number.
+template <typename F> typename Block<F>::V exp_nonpositive(typename Block<F>::V x) {
+  using V = typename Block<F>::V;
+  constexpr bool single = sizeof(F) == 4;
+  constexpr int terms = single ? 7 : 13, mantissa = single ? 23 : 52, bias = single ? 127 : 1023;
+  constexpr F ln2_hi = single ? 0.693145751953125 : 0.693147180369123816490;
+  constexpr F ln2_lo = single ? 1.428606765330187e-06 : 1.90821492927058770002e-10;
+  const V lowest = V{} + F(single ? -87 : -708);
+  x = x > lowest ? x : lowest;
+  // x / ln 2 - 1/2 truncated towards zero: x / ln 2 rounded, as it is <= 0
+  const typename Block<F>::Int n = __builtin_convertvector(x * F(1.44269504088896340736) - F(0.5),
+                                                            typename Block<F>::Int);
+  const V whole = __builtin_convertvector(n, V);
+  const V r = (x - whole * ln2_hi) - whole * ln2_lo;
+  F coefficient[terms + 1] = {1};  // 1 / k!
+  for (int k = 1; k <= terms; ++k) coefficient[k] = coefficient[k - 1] / k;
+  V p = V{} + coefficient[terms];
+  for (int k = terms - 1; k >= 0; --k) p = p * r + coefficient[k];
+  return p * (V)((n + bias) << mantissa);  // a cast between vectors of one size keeps the bits
+}
+
+// h[s][l] = h0[n, d0 + l, s] and back; zero past the D channels
+template <typename F> void load_state(In<F> h0, int64_t n, int64_t d0, int64_t D, int64_t S, F* h) {
+  constexpr int64_t L = Block<F>::LANES;
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t l = 0; l < L; ++l) h[s * L + l] = d0 + l < D ? h0[(n * D + d0 + l) * S + s] : 0;
+}
+template <typename F> void store_state(const F* h, Out<F> out, int64_t n, int64_t d0, int64_t D, int64_t S) {
+  constexpr int64_t L = Block<F>::LANES;
+  for (int64_t l = 0; l < L && d0 + l < D; ++l)
+    for (int64_t s = 0; s < S; ++s) out[(n * D + d0 + l) * S + s] = h[s * L + l];
+}
+
+// softplus(raw) as torch computes it (raw itself above 20), and its derivative sigmoid(raw)
+template <typename F> F softplus(F raw) { return raw > 20 ? raw : log1p(exp(raw)); }
+template <typename F> F softplus_slope(F raw) { return raw > 20 ? F(1) : exp(raw) / (exp(raw) + 1); }
+
+// The mixer's scan with the operations around it, fused as mamba-ssm's selective_scan_fn fuses them:
+// dt = softplus(raw), h_t = keep_t exp(dt_t A) h_{t-1} + dt_t x_t B_t, out_t = (C_t . h_t + D x_t) SiLU(z_t).
+// x, raw, z, out, dt [T, N, P] (P: the channels padded); At [S, P] (A transposed); skip [P] (D);
+// B, C [T, N, S]; keep [T, N]; h0 and the final state h_{T-1} [N, D, S]. Writes dt for the backward.
 template <typename F, int64_t SIZE>
-void forward_loop(In<F> x, In<F> dt, In<F> A, In<F> B, In<F> C, In<F> keep, In<F> h0, Out<F> y, Out<F> states,
-                  int64_t T, int64_t N, int64_t D, int64_t state_size) {
-  const int64_t S = SIZE > 0 ? SIZE : state_size;
-  at::parallel_for(0, N * D, 1, [&](int64_t begin, int64_t end) {
-    F h[MAX_STATE], decay[MAX_STATE];
-    for (int64_t nd = begin; nd < end; ++nd) {
-      const int64_t n = nd / D, d = nd % D;
-      In<F> a = A + d * S;
-      for (int64_t s = 0; s < S; ++s) h[s] = h0[nd * S + s];
+void forward_loop(In<F> x, In<F> raw, In<F> At, In<F> B, In<F> C, In<F> keep, In<F> h0, In<F> skip, In<F> z,
+                  Out<F> out, Out<F> final_state, Out<F> dt, int64_t T, int64_t N, int64_t D, int64_t P,
+                  int64_t state_size) {
+  using V = typename Block<F>::V;
+  constexpr int64_t L = Block<F>::LANES;
+  const int64_t S = SIZE > 0 ? SIZE : state_size, blocks = P / L;
+  at::parallel_for(0, N * blocks, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) F h[MAX_STATE * L];  // [S, L]
+    for (int64_t nb = begin; nb < end; ++nb) {
+      const int64_t n = nb / blocks, d0 = nb % blocks * L;
+      load_state<F>(h0, n, d0, D, S, h);
       for (int64_t t = 0; t < T; ++t) {
-        const int64_t i = (t * N + n) * D + d, row = (t * N + n) * S;
-        const F step = dt[i], input = step * x[i], k = keep[t * N + n];
+        const int64_t i = (t * N + n) * P + d0, row = (t * N + n) * S;
+        const F k = keep[t * N + n];
+        alignas(64) F input[L], y[L];
 #pragma omp simd
-        for (int64_t s = 0; s < S; ++s) decay[s] = exp(step * a[s]) * k;
-        F out = 0;
-#pragma omp simd reduction(+ : out)
-        for (int64_t s = 0; s < S; ++s) {
-          h[s] = decay[s] * h[s] + input * B[row + s];
-          states[i * S + s] = h[s];
-          out += h[s] * C[row + s];
+        for (int64_t l = 0; l < L; ++l) {
+          dt[i + l] = softplus(raw[i + l]);
+          input[l] = dt[i + l] * x[i + l];
         }
-        y[i] = out;
+        const V step = Block<F>::load(dt + i), step_input = Block<F>::load(input);
+        V y_sum = {};
+        for (int64_t s = 0; s < S; ++s) {
+          const V decay = exp_nonpositive<F>(step * Block<F>::load(At + s * P + d0)) * k;
+          const V state = decay * Block<F>::load(h + s * L) + step_input * B[row + s];
+          Block<F>::store(h + s * L, state);
+          y_sum += state * C[row + s];
+        }
+        Block<F>::store(y, y_sum);
+#pragma omp simd
+        for (int64_t l = 0; l < L; ++l) {
+          const F gate = z[i + l] / (1 + exp(-z[i + l]));  // SiLU(z)
+          out[i + l] = (y[l] + skip[d0 + l] * x[i + l]) * gate;
+        }
       }
+      store_state<F>(h, final_state, n, d0, D, S);
     }
   });
 }
 
-// Backward in time from dL/dh_{T-1} = grad_final, the decay recomputed. One environment per task, so the sums
-// over channels (grad_B, grad_C) and over environments (grad_A, kept per environment) never share a thread.
+// Backward in time from dL/dh_{T-1} = grad_final. Per block, the forward runs again first, keeping that
+// block's decays and states only (in cache: storing every state in the forward cost more than recomputing
+// them). One environment per task, so the sums over channels (grad_B, grad_C, kept per lane until the
+// environment's last block) and over environments (grad_At [N, S, P] and grad_skip [N, P], summed after)
+// never share a thread.
 template <typename F, int64_t SIZE>
-void backward_loop(In<F> grad_y, In<F> grad_final, In<F> x, In<F> dt, In<F> A, In<F> B, In<F> C, In<F> keep,
-                   In<F> h0, In<F> states, Out<F> grad_x, Out<F> grad_dt, Out<F> grad_A, Out<F> grad_B,
-                   Out<F> grad_C, Out<F> grad_h0, int64_t T, int64_t N, int64_t D, int64_t state_size) {
+void backward_loop(In<F> grad_out, In<F> grad_final, In<F> x, In<F> raw, In<F> dt, In<F> At, In<F> B, In<F> C,
+                   In<F> keep, In<F> h0, In<F> skip, In<F> z, Out<F> grad_x, Out<F> grad_raw, Out<F> grad_At,
+                   Out<F> grad_B, Out<F> grad_C, Out<F> grad_h0, Out<F> grad_skip, Out<F> grad_z, int64_t T,
+                   int64_t N, int64_t D, int64_t P, int64_t state_size) {
+  using V = typename Block<F>::V;
+  constexpr int64_t L = Block<F>::LANES;
   const int64_t S = SIZE > 0 ? SIZE : state_size;
   at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    F g[MAX_STATE], decay[MAX_STATE];
+    // [T, S, L]: the decays, grad_B and grad_C per lane; the states h_{-1} .. h_{T-1} [T + 1, S, L];
+    // dL/dy_t [T, L] (y_t = C_t . h_t)
+    std::vector<F> decays(T * S * L), lanes_B(T * S * L), lanes_C(T * S * L), states((T + 1) * S * L);
+    std::vector<F> grads_y(T * L);
+    alignas(64) F g[MAX_STATE * L], grad_a[MAX_STATE * L];  // [S, L]
     for (int64_t n = begin; n < end; ++n) {
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t nd = n * D + d;
-        In<F> a = A + d * S;
-        Out<F> ga = grad_A + nd * S;
-        for (int64_t s = 0; s < S; ++s) g[s] = grad_final[nd * S + s];
-        for (int64_t t = T - 1; t >= 0; --t) {
-          const int64_t i = (t * N + n) * D + d, row = (t * N + n) * S;
-          const F step = dt[i], input = step * x[i], k = keep[t * N + n], gy = grad_y[i];
-          In<F> h = states + i * S;
-          In<F> before = t > 0 ? states + (i - N * D) * S : h0 + nd * S;  // h_{t-1}
+      std::fill(lanes_B.begin(), lanes_B.end(), F(0));
+      std::fill(lanes_C.begin(), lanes_C.end(), F(0));
+      for (int64_t d0 = 0; d0 < P; d0 += L) {
+        load_state<F>(h0, n, d0, D, S, states.data());
+        alignas(64) F grad_d[L] = {};
+        for (int64_t t = 0; t < T; ++t) {  // the forward again
+          const int64_t i = (t * N + n) * P + d0, row = (t * N + n) * S, at = t * S * L;
+          const F k = keep[t * N + n];
+          Out<F> gy = grads_y.data() + t * L;
+          alignas(64) F input[L], y[L], sigmoid[L];
 #pragma omp simd
-          for (int64_t s = 0; s < S; ++s) decay[s] = exp(step * a[s]) * k;
-          F grad_dtA = 0, grad_input = 0;
-#pragma omp simd reduction(+ : grad_dtA, grad_input)
-          for (int64_t s = 0; s < S; ++s) {
-            grad_C[row + s] += gy * h[s];
-            const F grad_h = g[s] + gy * C[row + s];  // dL/dh_t
-            const F through_decay = grad_h * before[s] * decay[s];  // dL/d(dt_t A_s)
-            grad_dtA += through_decay * a[s];
-            ga[s] += through_decay * step;
-            grad_input += grad_h * B[row + s];  // dL/d(dt_t x_t)
-            grad_B[row + s] += grad_h * input;
-            g[s] = grad_h * decay[s];  // dL/dh_{t-1} through this step
+          for (int64_t l = 0; l < L; ++l) {
+            input[l] = dt[i + l] * x[i + l];
+            sigmoid[l] = 1 / (1 + exp(-z[i + l]));
+            gy[l] = grad_out[i + l] * z[i + l] * sigmoid[l];  // through the gate SiLU(z)
           }
-          grad_x[i] = grad_input * step;
-          grad_dt[i] = grad_dtA + grad_input * x[i];
+          const V step = Block<F>::load(dt + i), step_input = Block<F>::load(input);
+          const V grad_y = Block<F>::load(gy);
+          V y_sum = {};
+          for (int64_t s = 0; s < S; ++s) {
+            const V decay = exp_nonpositive<F>(step * Block<F>::load(At + s * P + d0)) * k;
+            const V state = decay * Block<F>::load(states.data() + at + s * L) + step_input * B[row + s];
+            Block<F>::store(decays.data() + at + s * L, decay);
+            Block<F>::store(states.data() + at + (S + s) * L, state);
+            y_sum += state * C[row + s];
+            F* lane_C = lanes_C.data() + at + s * L;
+            Block<F>::store(lane_C, Block<F>::load(lane_C) + grad_y * state);  // dL/dC_t through y_t
+          }
+          Block<F>::store(y, y_sum);
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) {
+            const F gated = y[l] + skip[d0 + l] * x[i + l];
+            grad_z[i + l] = grad_out[i + l] * gated * sigmoid[l] * (1 + z[i + l] * (1 - sigmoid[l]));
+            grad_d[l] += gy[l] * x[i + l];
+          }
         }
-        for (int64_t s = 0; s < S; ++s) grad_h0[nd * S + s] = g[s];
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t l = 0; l < L; ++l) {
+            g[s * L + l] = d0 + l < D ? grad_final[(n * D + d0 + l) * S + s] : 0;
+            grad_a[s * L + l] = 0;
+          }
+        for (int64_t t = T - 1; t >= 0; --t) {
+          const int64_t i = (t * N + n) * P + d0, row = (t * N + n) * S, at = t * S * L;
+          alignas(64) F input[L], grad_dtA[L], grad_input[L];
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) input[l] = dt[i + l] * x[i + l];
+          const V step = Block<F>::load(dt + i), step_input = Block<F>::load(input);
+          const V grad_y = Block<F>::load(grads_y.data() + t * L);
+          V grad_dtA_sum = {}, grad_input_sum = {};
+          for (int64_t s = 0; s < S; ++s) {
+            const V decay = Block<F>::load(decays.data() + at + s * L);
+            const V grad_h = Block<F>::load(g + s * L) + grad_y * C[row + s];  // dL/dh_t
+            // dL/d(dt_t A_s), with h_{t-1}
+            const V through_decay = grad_h * Block<F>::load(states.data() + at + s * L) * decay;
+            grad_dtA_sum += through_decay * Block<F>::load(At + s * P + d0);
+            Block<F>::store(grad_a + s * L, Block<F>::load(grad_a + s * L) + through_decay * step);
+            grad_input_sum += grad_h * B[row + s];  // dL/d(dt_t x_t)
+            F* lane_B = lanes_B.data() + at + s * L;
+            Block<F>::store(lane_B, Block<F>::load(lane_B) + grad_h * step_input);
+            Block<F>::store(g + s * L, grad_h * decay);  // dL/dh_{t-1} through this step
+          }
+          Block<F>::store(grad_dtA, grad_dtA_sum);
+          Block<F>::store(grad_input, grad_input_sum);
+#pragma omp simd
+          for (int64_t l = 0; l < L; ++l) {
+            grad_x[i + l] = grad_input[l] * dt[i + l] + grads_y[t * L + l] * skip[d0 + l];
+            grad_raw[i + l] = (grad_dtA[l] + grad_input[l] * x[i + l]) * softplus_slope(raw[i + l]);
+          }
+        }
+        for (int64_t s = 0; s < S; ++s)
+          for (int64_t l = 0; l < L; ++l) grad_At[(n * S + s) * P + d0 + l] = grad_a[s * L + l];
+        for (int64_t l = 0; l < L; ++l) grad_skip[n * P + d0 + l] = grad_d[l];
+        store_state<F>(g, grad_h0, n, d0, D, S);
       }
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t s = 0; s < S; ++s) {
+          F sum_B = 0, sum_C = 0;
+          for (int64_t l = 0; l < L; ++l) {
+            sum_B += lanes_B[(t * S + s) * L + l];
+            sum_C += lanes_C[(t * S + s) * L + l];
+          }
+          grad_B[(t * N + n) * S + s] = sum_B;
+          grad_C[(t * N + n) * S + s] = sum_C;
+        }
     }
   });
 }
@@ -895,37 +1037,60 @@ std::vector<torch::Tensor> conv_backward(torch::Tensor grad_act, torch::Tensor g
   return {grad_x, grad_window, grad_weight.sum(0), grad_bias.sum(0)};
 }
 
-std::vector<torch::Tensor> scan_forward(torch::Tensor x, torch::Tensor dt, torch::Tensor A, torch::Tensor B,
-                                        torch::Tensor C, torch::Tensor keep, torch::Tensor h0) {
-  const int64_t T = x.size(0), N = x.size(1), D = x.size(2), S = A.size(1);
+// The last dimension padded with zeros to whole blocks of channels: P of them
+int64_t padded_size(const torch::Tensor& x) {
+  const int64_t lanes = 64 / x.element_size();
+  return (x.size(-1) + lanes - 1) / lanes * lanes;
+}
+torch::Tensor padded(const torch::Tensor& t, int64_t P) {
+  return t.size(-1) == P ? t.contiguous() : at::constant_pad_nd(t, {0, P - t.size(-1)}).contiguous();
+}
+torch::Tensor unpadded(const torch::Tensor& t, int64_t D) {
+  return t.size(-1) == D ? t : t.narrow(-1, 0, D).contiguous();
+}
+
+// Returns out, the final state and dt (padded: the backward's input)
+std::vector<torch::Tensor> scan_forward(torch::Tensor x, torch::Tensor raw, torch::Tensor A, torch::Tensor B,
+                                        torch::Tensor C, torch::Tensor keep, torch::Tensor h0,
+                                        torch::Tensor skip, torch::Tensor z) {
+  const int64_t T = x.size(0), N = x.size(1), D = x.size(2), S = A.size(1), P = padded_size(x);
   TORCH_CHECK(S <= MAX_STATE, "the CPU scan takes a state size up to ", MAX_STATE, ", got ", S);
-  auto y = torch::empty({T, N, D}, x.options()), states = torch::empty({T, N, D, S}, x.options());
+  std::vector<torch::Tensor> in;  // x, raw, At, skip, z
+  for (const auto& t : {x, raw, A.t(), skip, z}) in.push_back(padded(t, P));
+  auto out = torch::empty({T, N, P}, x.options()), dt = torch::empty_like(out);
+  auto final_state = torch::empty_like(h0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scan_forward", [&] {
     auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
     with_state_size(S, [&](auto size) {
-      forward_loop<scalar_t, size()>(p(x), p(dt), p(A), p(B), p(C), p(keep), p(h0), p(y), p(states),
-                                     T, N, D, S);
+      forward_loop<scalar_t, size()>(p(in[0]), p(in[1]), p(in[2]), p(B), p(C), p(keep), p(h0), p(in[3]),
+                                     p(in[4]), p(out), p(final_state), p(dt), T, N, D, P, S);
     });
   });
-  return {y, states};
+  return {unpadded(out, D), final_state, dt};
 }
 
-std::vector<torch::Tensor> scan_backward(torch::Tensor grad_y, torch::Tensor grad_final, torch::Tensor x,
-                                         torch::Tensor dt, torch::Tensor A, torch::Tensor B, torch::Tensor C,
-                                         torch::Tensor keep, torch::Tensor h0, torch::Tensor states) {
-  const int64_t T = x.size(0), N = x.size(1), D = x.size(2), S = A.size(1);
-  auto grad_x = torch::empty_like(x), grad_dt = torch::empty_like(x), grad_h0 = torch::empty_like(h0);
-  auto grad_A = torch::zeros({N, D, S}, x.options());
-  auto grad_B = torch::zeros_like(B), grad_C = torch::zeros_like(C);
+std::vector<torch::Tensor> scan_backward(torch::Tensor grad_out, torch::Tensor grad_final, torch::Tensor x,
+                                         torch::Tensor raw, torch::Tensor A, torch::Tensor B, torch::Tensor C,
+                                         torch::Tensor keep, torch::Tensor h0, torch::Tensor skip,
+                                         torch::Tensor z, torch::Tensor dt) {
+  const int64_t T = x.size(0), N = x.size(1), D = x.size(2), S = A.size(1), P = padded_size(x);
+  std::vector<torch::Tensor> in;  // grad_out, x, raw, At, skip, z
+  for (const auto& t : {grad_out, x, raw, A.t(), skip, z}) in.push_back(padded(t, P));
+  auto grad_x = torch::empty_like(in[1]), grad_raw = torch::empty_like(in[1]);
+  auto grad_z = torch::empty_like(in[1]);
+  auto grad_At = torch::empty({N, S, P}, x.options()), grad_skip = torch::empty({N, P}, x.options());
+  auto grad_B = torch::empty_like(B), grad_C = torch::empty_like(C), grad_h0 = torch::empty_like(h0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scan_backward", [&] {
     auto p = [](const torch::Tensor& t) { return t.data_ptr<scalar_t>(); };
     with_state_size(S, [&](auto size) {
-      backward_loop<scalar_t, size()>(p(grad_y), p(grad_final), p(x), p(dt), p(A), p(B), p(C), p(keep), p(h0),
-                                      p(states), p(grad_x), p(grad_dt), p(grad_A), p(grad_B), p(grad_C),
-                                      p(grad_h0), T, N, D, S);
+      backward_loop<scalar_t, size()>(p(in[0]), p(grad_final), p(in[1]), p(in[2]), p(dt), p(in[3]), p(B),
+                                      p(C), p(keep), p(h0), p(in[4]), p(in[5]), p(grad_x), p(grad_raw),
+                                      p(grad_At), p(grad_B), p(grad_C), p(grad_h0), p(grad_skip), p(grad_z),
+                                      T, N, D, P, S);
     });
   });
-  return {grad_x, grad_dt, grad_A.sum(0), grad_B, grad_C, grad_h0};
+  return {unpadded(grad_x, D), unpadded(grad_raw, D), unpadded(grad_At.sum(0), D).t().contiguous(), grad_B,
+          grad_C, grad_h0, unpadded(grad_skip.sum(0), D), unpadded(grad_z, D)};
 }
 """
 
@@ -979,25 +1144,26 @@ class CpuConvSiLU(torch.autograd.Function):
 
 
 class CpuSelectiveScan(torch.autograd.Function):
-    """SelectiveScan's arguments and results from the C++ loops (`kernel`: `cpu_kernels`'s module). Eager
-    only: under torch.compile the torch scan runs, which the compiler fuses (called as an operator from the
-    compiled graphs, this loop made whole runs 0.80-0.96x as fast on a 2-core CPU)."""
+    """The mixer's scan from the C++ loops (`kernel`: `cpu_kernels`'s module) with the operations around it
+    fused, as mamba-ssm's CUDA `selective_scan_fn` fuses them: from x, dt before its softplus, A, B, C, keep,
+    the initial state, D and z to (SelectiveScan's y + D x) SiLU(z) and the final state. Eager only: under
+    torch.compile the torch scan runs, which the compiler fuses (called as an operator from the compiled
+    graphs, this loop made whole runs 0.80-0.96x as fast on a 2-core CPU)."""
 
     @staticmethod
-    def forward(ctx, x, dt, A, B, C, keep, initial_state, kernel):
-        inputs = [t.contiguous() for t in (x, dt, A, B, C, keep, initial_state)]
-        y, states = kernel.scan_forward(*inputs)
+    def forward(ctx, x, dt_raw, A, B, C, keep, initial_state, D, z, kernel):
+        inputs = [t.contiguous() for t in (x, dt_raw, A, B, C, keep, initial_state, D, z)]
+        out, final_state, dt = kernel.scan_forward(*inputs)  # dt: the softplus, kept for the backward
         ctx.kernel = kernel
-        ctx.save_for_backward(*inputs, states)
-        return y, states[-1]
+        ctx.save_for_backward(*inputs, dt)
+        return out, final_state
 
     @staticmethod
-    def backward(ctx, grad_y, grad_final):
-        *inputs, states = ctx.saved_tensors
-        grad_x, grad_dt, grad_A, grad_B, grad_C, grad_h0 = ctx.kernel.scan_backward(
-            grad_y.contiguous(), grad_final.contiguous(), *inputs, states
+    def backward(ctx, grad_out, grad_final):
+        grad_x, grad_dt_raw, grad_A, grad_B, grad_C, grad_h0, grad_D, grad_z = ctx.kernel.scan_backward(
+            grad_out.contiguous(), grad_final.contiguous(), *ctx.saved_tensors
         )
-        return grad_x, grad_dt, grad_A, grad_B, grad_C, None, grad_h0, None
+        return grad_x, grad_dt_raw, grad_A, grad_B, grad_C, None, grad_h0, grad_D, grad_z, None
 
 
 class SelectiveScan(torch.autograd.Function):
@@ -1084,13 +1250,12 @@ class MambaMixer(nn.Module):
             x, window = causal_conv(x, window, self.conv, starts)
             x = nn.functional.silu(x)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.A_log.shape[1], self.A_log.shape[1]], -1)
-        dt = nn.functional.softplus(self.dt_proj(dt))
-        scan_inputs = (x, dt, -self.A_log.exp(), B, C, (1 - starts).to(x.dtype), ssm_state)
-        if cpu_kernels is not None:
-            y, ssm_state = CpuSelectiveScan.apply(*scan_inputs, cpu_kernels)
+        dt, A, keep = self.dt_proj(dt), -self.A_log.exp(), (1 - starts).to(x.dtype)
+        if cpu_kernels is not None:  # the softplus, the D skip and the gate in the same loops
+            y, ssm_state = CpuSelectiveScan.apply(x, dt, A, B, C, keep, ssm_state, self.D, z, cpu_kernels)
         else:
-            y, ssm_state = SelectiveScan.apply(*scan_inputs)
-        y = (y + x * self.D) * nn.functional.silu(z)
+            y, ssm_state = SelectiveScan.apply(x, nn.functional.softplus(dt), A, B, C, keep, ssm_state)
+            y = (y + x * self.D) * nn.functional.silu(z)
         return self.out_proj(y), (window, ssm_state)
 
 
@@ -1101,8 +1266,9 @@ class Trunk(nn.Module):
     the rollout (one step per call) and in training (whole rollout sequences from the state stored at the
     rollout's start, starts anywhere inside): the convolution masks the taps that reach across a start and
     the scan sets the decay into a start to zero. The scan is this file's: on a CPU its C++ loop, the
-    convolution's too (`--mamba-backend auto`; the trunk's gradient steps 2.3x as fast as the torch path's
-    at the table's sizes), else the torch loops, which torch.compile fuses. mamba-ssm's CUDA scan
+    convolution's too (`--mamba-backend auto`; the trunk's forward and backward 4.1x as fast as the torch
+    path's at the classic and MemoryS11 rows' sizes, one thread), else the torch loops, which torch.compile
+    fuses. mamba-ssm's CUDA scan
     (`selective_scan_fn`) takes neither an initial state nor resets inside a sequence, so it could not be
     exact here.
     """

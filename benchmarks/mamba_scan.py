@@ -7,7 +7,8 @@ Each row times the recurrence alone (inputs already projected), T = 128 steps, e
 
 - Mamba (x [T, E, D], A [D, S]): autograd through `h = decay_t * h + input_t` iterated with `unbind`, against
   `SelectiveScan` (one torch loop each way, hand-written backward) and, on the CPU, the C++ scan that
-  `--mamba-backend auto` runs (`cpu_kernels`);
+  `--mamba-backend auto` runs (`cpu_kernels`); each with dt's softplus before it and the D skip and SiLU(z) gate
+  after it, which the C++ scan fuses;
 - Mamba-2 (x [T, E, H, P], scalar A per head): autograd through the same per-step loop, against `ssd` (chunked,
   no loop over steps) and, on the CPU, the C++ SSD that `--mamba-backend auto` runs (`cpu_kernels`).
 
@@ -33,20 +34,27 @@ def autograd_loop(decay, inputs, C, state):
     return torch.stack(outputs), state
 
 
-def mamba_loop(x, dt, A, B, C, starts, state):
+def gate(y, x, D, z):
+    """What the mixer does with the scan's output: the D skip and the SiLU(z) gate."""
+    return (y + x * D) * torch.nn.functional.silu(z)
+
+
+def mamba_loop(x, dt_raw, A, B, C, starts, state, D, z):
+    dt = torch.nn.functional.softplus(dt_raw)
     decay = torch.exp(dt[..., None] * A).masked_fill(starts[..., None, None], 0)
     y, h = autograd_loop(decay, (dt * x)[..., None] * B[:, :, None], C[:, :, None], state)
-    (y.sum() + h.sum()).backward()
+    (gate(y, x, D, z).sum() + h.sum()).backward()
 
 
-def mamba_scan(x, dt, A, B, C, starts, state):
+def mamba_scan(x, dt_raw, A, B, C, starts, state, D, z):
+    dt = torch.nn.functional.softplus(dt_raw)
     y, h = MAMBA.SelectiveScan.apply(x, dt, A, B, C, (~starts).float(), state)
-    (y.sum() + h.sum()).backward()
+    (gate(y, x, D, z).sum() + h.sum()).backward()
 
 
 def mamba_cpu_scan(kernel):
-    def run(x, dt, A, B, C, starts, state):
-        y, h = MAMBA.CpuSelectiveScan.apply(x, dt, A, B, C, (~starts).float(), state, kernel)
+    def run(x, dt_raw, A, B, C, starts, state, D, z):  # the softplus and the gate inside the C++ loops
+        y, h = MAMBA.CpuSelectiveScan.apply(x, dt_raw, A, B, C, (~starts).float(), state, D, z, kernel)
         (y.sum() + h.sum()).backward()
 
     return run
@@ -107,10 +115,11 @@ def main():
         torch.manual_seed(0)
         starts = torch.rand(steps, envs, device=device) < 0.03
         for inner, state_size in ((136, 8), (128, 16)):  # classic control's defaults, and the paper's N = 16
-            inputs = (leaf(steps, envs, inner, device=device), leaf(steps, envs, inner, device=device, positive=True),
+            inputs = (leaf(steps, envs, inner, device=device), leaf(steps, envs, inner, device=device),
                       (-torch.rand(inner, state_size, device=device)).requires_grad_(),
                       leaf(steps, envs, state_size, device=device), leaf(steps, envs, state_size, device=device),
-                      starts, torch.zeros(envs, inner, state_size, device=device))  # fmt: skip
+                      starts, torch.zeros(envs, inner, state_size, device=device), leaf(inner, device=device),
+                      leaf(steps, envs, inner, device=device))  # fmt: skip
             slow, fast = (timed(f, inputs, device, options.repeats) for f in (mamba_loop, mamba_scan))
             print(f"| Mamba | {envs} | {inner} x {state_size} | {slow:.1f} | {fast:.1f} | {slow / fast:.1f}x |")
             if cpu_kernel is not None:

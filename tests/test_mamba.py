@@ -64,22 +64,40 @@ def test_ssd_equals_the_recurrence(chunk_size):
 
 
 def scan_inputs(inner: int = 6, state_size: int = 5):
+    """x, dt before its softplus (two entries past softplus's threshold of 20), A, B, C, the initial state,
+    D and z: what the mixer gives its scan."""
     torch.manual_seed(0)
     x = torch.randn(STEPS, ENVS, inner, dtype=torch.float64)
-    dt = torch.nn.functional.softplus(torch.randn(STEPS, ENVS, inner, dtype=torch.float64))
+    dt_raw = torch.randn(STEPS, ENVS, inner, dtype=torch.float64)
+    dt_raw[[2, 7], [0, 2], [0, inner - 1]] = torch.tensor([20.5, 25.0], dtype=torch.float64)
     A = -3 * torch.rand(inner, state_size, dtype=torch.float64)
     B, C = torch.randn(2, STEPS, ENVS, state_size, dtype=torch.float64)
     initial = torch.randn(ENVS, inner, state_size, dtype=torch.float64)
-    return x, dt, A, B, C, initial
+    D, z = torch.randn(inner, dtype=torch.float64), torch.randn(STEPS, ENVS, inner, dtype=torch.float64)
+    return x, dt_raw, A, B, C, initial, D, z
 
 
 def selective_scan(name: str):
-    """Mamba's scan as the trunk calls it: the torch loops, or the C++ loops of this machine's build."""
+    """Mamba's scan as the mixer calls it, from x, dt before its softplus, A, B, C, keep, the initial state, D
+    and z to ((C . h) + D x) SiLU(z) and the final state: the torch scan with the torch ops around it, or the
+    C++ loops of this machine's build, which fuse them."""
     module = load(MAMBA)
     if name == "torch":
-        return module.SelectiveScan.apply
+
+        def torch_scan(x, dt_raw, A, B, C, keep, initial, D, z):
+            y, state = module.SelectiveScan.apply(x, torch.nn.functional.softplus(dt_raw), A, B, C, keep, initial)
+            return (y + x * D) * torch.nn.functional.silu(z), state
+
+        return torch_scan
     kernels = built_cpu_kernels(module)
     return lambda *inputs: module.CpuSelectiveScan.apply(*inputs, kernels)
+
+
+def gated_recurrence(x, dt_raw, A, B, C, starts, initial, D, z):
+    """`recurrence` with the mixer's operations around the scan, step by step in float64."""
+    dt = torch.nn.functional.softplus(dt_raw)
+    y, state = recurrence(x, dt, torch.exp(dt[..., None] * A), B, C, starts, initial)
+    return (y + x * D) * z * torch.sigmoid(z), state
 
 
 SCANS = ["torch", "cpu"]
@@ -88,10 +106,10 @@ SCANS = ["torch", "cpu"]
 @pytest.mark.parametrize("name", SCANS)
 def test_selective_scan_equals_the_recurrence(name):
     scan = selective_scan(name)
-    x, dt, A, B, C, initial = scan_inputs()
+    x, dt_raw, A, B, C, initial, D, z = scan_inputs()
     starts = episode_starts()
-    expected_y, expected_state = recurrence(x, dt, torch.exp(dt[..., None] * A), B, C, starts, initial)
-    y, state = scan(x, dt, A, B, C, (~starts).double(), initial)
+    expected_y, expected_state = gated_recurrence(x, dt_raw, A, B, C, starts, initial, D, z)
+    y, state = scan(x, dt_raw, A, B, C, (~starts).double(), initial, D, z)
     torch.testing.assert_close(y, expected_y, rtol=0, atol=1e-12)
     torch.testing.assert_close(state, expected_state, rtol=0, atol=1e-12)
 
@@ -106,32 +124,37 @@ def test_selective_scan_gradients_equal_autograd_through_the_recurrence(name):
     def loss(y, state):  # weights every output and the final state differently
         return (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum() + state.square().sum()
 
-    x, dt, A, B, C, initial = inputs
-    reference_y, reference_state = recurrence(x, dt, torch.exp(dt[..., None] * A), B, C, keep == 0, initial)
-    expected = torch.autograd.grad(loss(reference_y, reference_state), inputs)
-    got = torch.autograd.grad(loss(*scan(x, dt, A, B, C, keep, initial)), inputs)
-    for name, e, g in zip(["x", "dt", "A", "B", "C", "initial_state"], expected, got, strict=True):
+    x, dt_raw, A, B, C, initial, D, z = inputs
+    reference = gated_recurrence(x, dt_raw, A, B, C, keep == 0, initial, D, z)
+    expected = torch.autograd.grad(loss(*reference), inputs)
+    got = torch.autograd.grad(loss(*scan(x, dt_raw, A, B, C, keep, initial, D, z)), inputs)
+    names = ["x", "dt_raw", "A", "B", "C", "initial_state", "D", "z"]
+    for name, e, g in zip(names, expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10, msg=name)
 
 
 def test_cpu_scan_gradients_equal_finite_differences():
     scan, keep = selective_scan("cpu"), (~episode_starts()).double()
-    x, dt, A, B, C, initial = [t.requires_grad_() for t in scan_inputs(inner=3, state_size=2)]
-    assert torch.autograd.gradcheck(lambda *a: scan(*a[:5], keep, a[5]), (x, dt, A, B, C, initial))
+    x, dt_raw, A, B, C, initial, D, z = [t.requires_grad_() for t in scan_inputs(inner=3, state_size=2)]
+    inputs = (x, dt_raw, A, B, C, initial, D, z)
+    assert torch.autograd.gradcheck(lambda *a: scan(*a[:5], keep, *a[5:]), inputs)
 
 
-def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan():
-    """The C++ loop vectorises its sums in float32 (reassociated): at MemoryS11's sizes it must still agree with
-    the torch loops to float32 rounding, forward and backward, starts and a warm state included."""
+@pytest.mark.parametrize("inner, state_size", [(208, 16), (136, 8)])
+def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan(inner, state_size):
+    """The C++ loop reassociates its float32 sums: at MemoryS11's sizes (and classic control's, whose channels
+    are not a whole number of vectors) it must still agree with the torch scan to float32 rounding, forward
+    and backward, starts and a warm state included."""
     torch.manual_seed(0)
-    steps, envs, inner, state_size = 128, 2, 208, 16
+    steps, envs = 128, 2
     x = torch.randn(steps, envs, inner)
-    dt = torch.nn.functional.softplus(torch.randn(steps, envs, inner) - 2)
+    dt_raw = torch.randn(steps, envs, inner) - 2
     A = -torch.arange(1, state_size + 1.0).repeat(inner, 1)
     B, C = torch.randn(2, steps, envs, state_size)
     keep = (torch.rand(steps, envs) > 0.05).float()
-    initial = torch.randn(envs, inner, state_size)
-    inputs = [t.requires_grad_() for t in (x, dt, A, B, C)] + [keep, initial.requires_grad_()]
+    initial, D, z = torch.randn(envs, inner, state_size), torch.randn(inner), torch.randn(steps, envs, inner)
+    inputs = [t.requires_grad_() for t in (x, dt_raw, A, B, C)] + [keep]
+    inputs += [t.requires_grad_() for t in (initial, D, z)]
     weights = torch.randn(steps, envs, inner), torch.randn(envs, inner, state_size)
     results = {}
     for name in SCANS:
@@ -139,7 +162,7 @@ def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan():
         loss = (y * weights[0]).sum() + (state * weights[1]).sum()
         wrt = [t for t in inputs if t.requires_grad]
         results[name] = [y, state, *torch.autograd.grad(loss, wrt)]
-    names = ["y", "state", "x", "dt", "A", "B", "C", "initial"]
+    names = ["y", "state", "x", "dt_raw", "A", "B", "C", "initial", "D", "z"]
     for name, torch_result, cpu_result in zip(names, *results.values(), strict=True):
         assert_agree_to_float32_rounding(cpu_result, torch_result, name)
 
