@@ -144,11 +144,13 @@ def test_cpu_scan_gradients_equal_finite_differences():
 def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan(inner, state_size):
     """The C++ loop reassociates its float32 sums: at MemoryS11's sizes (and classic control's, whose channels
     are not a whole number of vectors) it must still agree with the torch scan to float32 rounding, forward
-    and backward, starts and a warm state included."""
+    and backward, starts and a warm state included, and a step whose decays underflow (dt = 30: exp(dt A) below
+    float32's smallest normal number, which the C++ exp takes as exp(-87))."""
     torch.manual_seed(0)
     steps, envs = 128, 2
     x = torch.randn(steps, envs, inner)
     dt_raw = torch.randn(steps, envs, inner) - 2
+    dt_raw[40, 1] = 30.0
     A = -torch.arange(1, state_size + 1.0).repeat(inner, 1)
     B, C = torch.randn(2, steps, envs, state_size)
     keep = (torch.rand(steps, envs) > 0.05).float()
