@@ -181,11 +181,11 @@ class Args:
     conv_size: int = 4
     """width of the causal depthwise convolution (Mamba's d_conv)"""
     mamba_backend: str = "auto"
-    """auto or torch. auto runs the convolution and the selective scan (with dt's softplus, the D skip and the
-    gate) on a CPU in this file's C++ loops (built on the first run, about 30 s, where a C++ compiler is found;
-    else torch, saying why), on a GPU and under --compile in torch; torch runs them in torch everywhere (bit
-    for bit the runs made before the C++ loops). No cuda: mamba-ssm's Mamba-1 scan takes no initial state
-    and no resets"""
+    """auto or torch. auto runs the convolution and the selective scan (with dt's softplus, the D skip and
+    the gate) on a CPU in this file's C++ loops (built on the first run, about 30 s, where a C++ compiler is
+    found; else torch, saying why), on a GPU and under --compile in torch; torch runs them in torch
+    everywhere (bit for bit the runs made before the C++ loops). No cuda: mamba-ssm's Mamba-1 scan takes no
+    initial state and no resets"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
@@ -695,7 +695,7 @@ constexpr int64_t MAX_STATE = 256;  // CPU_SCAN_MAX_STATE: the Trunk sends large
 template <typename F> using In = const F* __restrict__;
 template <typename F> using Out = F* __restrict__;
 // The state size as a compile-time constant where it is a common one (SIZE > 0), so that the compiler unrolls
-// the loops over it (the scan 3-5% faster at the MemoryS11 row's sizes), else `state_size`.
+// the loops over it (the scan 3-6% faster at the MemoryS11 row's sizes), else `state_size`.
 template <int64_t SIZE> using Size = std::integral_constant<int64_t, SIZE>;
 template <typename Run> void with_state_size(int64_t state_size, Run run) {
   if (state_size == 8) run(Size<8>{});
@@ -817,22 +817,22 @@ template <typename F> struct Block {
 
 // exp(x), x <= 0, for a block, inline: glibc's vector exp is a call, and each call sent the loop's running
 // values to memory and back. exp(x) = 2^n exp(r) with n = round(x / ln 2) and r = x - n ln 2 in
-// [-ln2/2, ln2/2] (ln 2 in two parts, so that r is exact to rounding); exp(r) by its Taylor series to r^7
-// (float) or r^13 (double), whose next term is below the type's rounding; 2^n from its exponent bits. Below
-// -87 (float; -708, double) x is taken as -87: an error under 1e-38 (1e-307), where 2^n has no normal number.
+// [-ln2/2, ln2/2]; exp(r) by its Taylor series to r^7 (float) or r^13 (double), whose next term is below the
+// type's rounding; 2^n from its exponent bits. r takes ln 2's rounding times n (-ffast-math would merge a
+// two-part ln 2 into one), a relative error of about |x| times the type's rounding: 6e-7 at x = -10, where
+// the decay is 5e-5. Below -87 (float; -708, double) x is taken as -87: an error under 1e-38 (1e-307), where
+// 2^n has no normal number.
 template <typename F> typename Block<F>::V exp_nonpositive(typename Block<F>::V x) {
   using V = typename Block<F>::V;
   constexpr bool single = sizeof(F) == 4;
   constexpr int terms = single ? 7 : 13, mantissa = single ? 23 : 52, bias = single ? 127 : 1023;
-  constexpr F ln2_hi = single ? 0.693145751953125 : 0.693147180369123816490;
-  constexpr F ln2_lo = single ? 1.428606765330187e-06 : 1.90821492927058770002e-10;
   const V lowest = V{} + F(single ? -87 : -708);
   x = x > lowest ? x : lowest;
   // x / ln 2 - 1/2 truncated towards zero: x / ln 2 rounded, as it is <= 0
   const typename Block<F>::Int n = __builtin_convertvector(x * F(1.44269504088896340736) - F(0.5),
                                                             typename Block<F>::Int);
   const V whole = __builtin_convertvector(n, V);
-  const V r = (x - whole * ln2_hi) - whole * ln2_lo;
+  const V r = x - whole * F(0.693147180559945309417);
   F coefficient[terms + 1] = {1};  // 1 / k!
   for (int k = 1; k <= terms; ++k) coefficient[k] = coefficient[k - 1] / k;
   V p = V{} + coefficient[terms];
@@ -1148,7 +1148,7 @@ class CpuSelectiveScan(torch.autograd.Function):
     fused, as mamba-ssm's CUDA `selective_scan_fn` fuses them: from x, dt before its softplus, A, B, C, keep,
     the initial state, D and z to (SelectiveScan's y + D x) SiLU(z) and the final state. Eager only: under
     torch.compile the torch scan runs, which the compiler fuses (called as an operator from the compiled
-    graphs, this loop made whole runs 0.80-0.96x as fast on a 2-core CPU)."""
+    graphs, the first C++ scan made whole runs 0.80-0.96x as fast on a 2-core CPU)."""
 
     @staticmethod
     def forward(ctx, x, dt_raw, A, B, C, keep, initial_state, D, z, kernel):
@@ -1250,11 +1250,11 @@ class MambaMixer(nn.Module):
             x, window = causal_conv(x, window, self.conv, starts)
             x = nn.functional.silu(x)
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.A_log.shape[1], self.A_log.shape[1]], -1)
-        dt, A, keep = self.dt_proj(dt), -self.A_log.exp(), (1 - starts).to(x.dtype)
+        dt_raw, A, keep = self.dt_proj(dt), -self.A_log.exp(), (1 - starts).to(x.dtype)
         if cpu_kernels is not None:  # the softplus, the D skip and the gate in the same loops
-            y, ssm_state = CpuSelectiveScan.apply(x, dt, A, B, C, keep, ssm_state, self.D, z, cpu_kernels)
+            y, ssm_state = CpuSelectiveScan.apply(x, dt_raw, A, B, C, keep, ssm_state, self.D, z, cpu_kernels)
         else:
-            y, ssm_state = SelectiveScan.apply(x, nn.functional.softplus(dt), A, B, C, keep, ssm_state)
+            y, ssm_state = SelectiveScan.apply(x, nn.functional.softplus(dt_raw), A, B, C, keep, ssm_state)
             y = (y + x * self.D) * nn.functional.silu(z)
         return self.out_proj(y), (window, ssm_state)
 
@@ -1268,9 +1268,8 @@ class Trunk(nn.Module):
     the scan sets the decay into a start to zero. The scan is this file's: on a CPU its C++ loop, the
     convolution's too (`--mamba-backend auto`; the trunk's forward and backward 4.1x as fast as the torch
     path's at the classic and MemoryS11 rows' sizes, one thread), else the torch loops, which torch.compile
-    fuses. mamba-ssm's CUDA scan
-    (`selective_scan_fn`) takes neither an initial state nor resets inside a sequence, so it could not be
-    exact here.
+    fuses. mamba-ssm's CUDA scan (`selective_scan_fn`) takes neither an initial state nor resets inside a
+    sequence, so it could not be exact here.
     """
 
     def __init__(self, input_size: int, args: Args):
