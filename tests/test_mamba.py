@@ -140,12 +140,13 @@ def test_cpu_scan_gradients_equal_finite_differences():
     assert torch.autograd.gradcheck(lambda *a: scan(*a[:5], keep, *a[5:]), inputs)
 
 
-@pytest.mark.parametrize("inner, state_size", [(208, 16), (136, 8)])
+@pytest.mark.parametrize("inner, state_size", [(208, 16), (136, 8), (70, 8)])
 def test_cpu_scan_in_float32_at_the_row_size_agrees_with_the_torch_scan(inner, state_size):
-    """The C++ loop reassociates its float32 sums: at MemoryS11's sizes (and classic control's, whose channels
-    are not a whole number of vectors) it must still agree with the torch scan to float32 rounding, forward
-    and backward, starts and a warm state included, and a step whose decays underflow (dt = 30: exp(dt A) below
-    float32's smallest normal number, which the C++ exp takes as exp(-87))."""
+    """The C++ loop reassociates its float32 sums: at MemoryS11's and classic control's sizes (and at a width of
+    70, no whole number of any instruction set's blocks of 4, 8 or 16 floats, so padded) it must still agree
+    with the torch scan to float32 rounding, forward and backward, starts and a warm state included, and a step
+    whose decays underflow (dt = 30: exp(dt A) below float32's smallest normal number, which the C++ exp takes
+    as exp(-87))."""
     torch.manual_seed(0)
     steps, envs = 128, 2
     x = torch.randn(steps, envs, inner)
