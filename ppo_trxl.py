@@ -704,11 +704,20 @@ template <typename Run> void with_head_size(int64_t head_size, Run run) {
   else run(Size<0>{});
 }
 
-// A block of keys scored at once: 64 bytes, one AVX-512 vector (two of AVX2), kept in a register while the
-// sum over the head's dimensions runs
+// A block of keys scored at once: one vector register of the build's instruction set (64 bytes with
+// AVX-512, 32 with AVX2, 16 without), kept in a register while the sum over the head's dimensions runs.
+// (64-byte blocks on AVX2, two registers each, made the attention 3.2x slower forward and 2.2x backward
+// at the MemoryS11 row's sizes.)
+#if defined(__AVX512F__)
+constexpr int64_t BLOCK_BYTES = 64;
+#elif defined(__AVX__)
+constexpr int64_t BLOCK_BYTES = 32;
+#else
+constexpr int64_t BLOCK_BYTES = 16;
+#endif
 template <typename F> struct Block {
-  typedef F Vector __attribute__((vector_size(64)));
-  static constexpr int64_t LANES = 64 / sizeof(F);
+  typedef F Vector __attribute__((vector_size(BLOCK_BYTES)));
+  static constexpr int64_t LANES = BLOCK_BYTES / sizeof(F);
   static Vector load(const F* from) {
     Vector v;
     std::memcpy(&v, from, sizeof v);
