@@ -1033,7 +1033,9 @@ class Trunk(nn.Module):
         heads = torch.arange(1, args.num_heads + 1)
         self.register_buffer("slopes", 2.0 ** (-8.0 * heads / args.num_heads), persistent=False)
         self.windows = {}  # (block, device) -> a block's ALiBi scores, -inf outside its window
-        self.rollout_cache = None  # the last rollout step's memory, weight versions and keys and values
+        # The last two rollout calls' (memory, weight versions, keys and values): a time-limit bootstrap's call
+        # steps from the same state as the next rollout step, and must not evict that state's window
+        self.rollout_cache = []
         # Listed once, as the optimizer holds them: walking the modules costs 0.1 ms, at every rollout step
         self.layer_parameters = list(self.layers.parameters())
 
@@ -1134,19 +1136,19 @@ class Trunk(nn.Module):
     @torch.compiler.disable
     def memory_key_values(self, memory: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, [B, 1 + M, 2 * inner]: a slot the step drops, then the keys and values of the M inputs
-        in `memory`. The last rollout step's window if it returned this very memory and no weight has changed
-        since, else projected now (a state from elsewhere: the first step after an update, the time-limit
-        bootstrap's, a replay's); the same shape and strides either way, so a compiled graph serves both."""
-        if self.rollout_cache is not None:
-            cached_memory, cached_versions, key_values = self.rollout_cache
-            if cached_memory is memory and cached_versions == self.weight_versions():
+        in `memory`. The window of one of the last two rollout calls if it returned this very memory and no
+        weight has changed since, else projected now (a state from elsewhere: the first step after an update,
+        a replay's); the same shape and strides either way, so a compiled graph serves both."""
+        versions = self.weight_versions()
+        for cached_memory, cached_versions, key_values in self.rollout_cache:
+            if cached_memory is memory and cached_versions == versions:
                 return key_values
         layer_inputs = zip(self.layers, memory.unbind(1), strict=True)
         return [nn.functional.pad(layer.key_values(inputs), (0, 0, 1, 0)) for layer, inputs in layer_inputs]
 
     @torch.compiler.disable
     def remember_key_values(self, memory: torch.Tensor, key_values: list[torch.Tensor]):
-        self.rollout_cache = (memory, self.weight_versions(), key_values)
+        self.rollout_cache = [*self.rollout_cache[-1:], (memory, self.weight_versions(), key_values)]
 
 
 # >>> shared: agent

@@ -73,8 +73,8 @@ def test_a_step_sees_exactly_layers_times_m_steps_back(script, memory_length, ba
 
 def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(script, device):
     """One-step calls without gradient reuse the window's keys and values from the step before (the values
-    themselves are checked against one whole call above); after an optimizer step, or from a state the last
-    call did not return, the whole window is projected again."""
+    themselves are checked against one whole call above); after an optimizer step, or from a state neither of
+    the last two calls returned, the whole window is projected again."""
     agent, obs, starts, actions = windowed_batch(attention_module(script), device, MEMORY_LENGTHS[1])
     layers = len(agent.trunk.layers)
     own_step, whole_window = [1] * layers, [MEMORY_LENGTHS[1]] * layers + [1] * layers  # the memory, then the step
@@ -90,6 +90,10 @@ def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(scrip
     for t in range(4):
         states.append(step(states[-1], t)[1])
         assert projected == (whole_window if t == 0 else own_step), t
+    # A time-limit bootstrap steps from the last state, then the next rollout step does: both reuse its window
+    for _ in range(2):
+        step(states[4], 4)
+        assert projected == own_step
     # An Adam step after a training call changes the weights in place: the cache must not serve the old keys
     before = copy.deepcopy(agent)
     agent.get_value(obs, agent.initial_state(ENVS, device), starts)[0].square().mean().backward()
@@ -100,7 +104,7 @@ def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(scrip
     assert projected == own_step
     step(states[2], 2)  # an older state: not the memory the cache holds
     assert projected == whole_window
-    agent.trunk.rollout_cache = None
+    agent.trunk.rollout_cache = []
     torch.testing.assert_close(after, step(states[4], 4)[0], atol=1e-6, rtol=0)
     old = outputs(before, obs[4:5], states[4], starts[4:5], actions[4:5])[0]
     assert (after - old).abs().max() > 1e-4  # the Adam step changed what this state gives

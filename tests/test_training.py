@@ -284,7 +284,7 @@ def test_the_compiled_agent_computes_what_the_eager_one_does(script):
                 chain.append(step_fn(obs[t : t + 1], step_state, starts[t : t + 1], actions[t : t + 1]))
                 step_state = chain[-1][-1]
                 if hasattr(agent.trunk, "rollout_cache"):  # the attention trunks: the next step reuses it
-                    assert agent.trunk.rollout_cache[0] is step_state[0]
+                    assert agent.trunk.rollout_cache[-1][0] is step_state[0]
         chains.append(chain)
     for eager_step, compiled_step in zip(*chains, strict=True):
         for eager, fused in zip(tensors(eager_step), tensors(compiled_step), strict=True):
