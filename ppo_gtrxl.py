@@ -1250,7 +1250,7 @@ class Trunk(nn.Module):
             mask, padding = self.scores_bias(starts, in_episode)
 
         # A rollout step (one step, no gradient) projects only its own input to keys and values; the memory's
-        # come from the step before, which projected the same M inputs under the same weights
+        # come from the call that returned it, which projected the same M inputs under the same weights
         rollout_step = steps == 1 and not torch.is_grad_enabled()
         memory_key_values = self.memory_key_values(memory) if rollout_step else None
         h, last_inputs, new_key_values = nn.functional.pad(x.transpose(0, 1), (0, 0, 0, padding)), [], []
@@ -1308,8 +1308,8 @@ class Trunk(nn.Module):
     def memory_key_values(self, memory: torch.Tensor) -> list[torch.Tensor]:
         """Per layer, [B, 1 + M, 2 * inner]: a slot the step drops, then the keys and values of the M inputs
         in `memory`. The window of one of the last two rollout calls if it returned this very memory and no
-        weight has changed since, else projected now (a state from elsewhere: the first step after an update,
-        a replay's); the same shape and strides either way, so a compiled graph serves both."""
+        weight has changed since, else projected now (after an update, or a state from elsewhere: a replay's);
+        the same shape and strides either way, so a compiled graph serves both."""
         versions = self.weight_versions()
         for cached_memory, cached_versions, key_values in self.rollout_cache:
             if cached_memory is memory and cached_versions == versions:

@@ -90,19 +90,19 @@ def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(scrip
     for t in range(4):
         states.append(step(states[-1], t)[1])
         assert projected == (whole_window if t == 0 else own_step), t
-    # A time-limit bootstrap steps from the last state, then the next rollout step does: both reuse its window
-    for _ in range(2):
-        step(states[4], 4)
-        assert projected == own_step
-    # An Adam step after a training call changes the weights in place: the cache must not serve the old keys
+    # An Adam step after a training call changes the weights in place: the cache, which still holds states[4]'s
+    # window, must not serve the old keys
     before = copy.deepcopy(agent)
     agent.get_value(obs, agent.initial_state(ENVS, device), starts)[0].square().mean().backward()
     torch.optim.Adam(agent.parameters(), lr=1e-2).step()
     after, later = step(states[4], 4)
     assert projected == whole_window
-    step(later, 5)  # rebuilt under the new weights
-    assert projected == own_step
-    step(states[2], 2)  # an older state: not the memory the cache holds
+    # A time-limit bootstrap steps from the last state, then the next rollout step does: both reuse its window,
+    # rebuilt under the new weights
+    for _ in range(2):
+        step(later, 5)
+        assert projected == own_step
+    step(states[2], 2)  # an older state: not among the cached memories
     assert projected == whole_window
     agent.trunk.rollout_cache = []
     torch.testing.assert_close(after, step(states[4], 4)[0], atol=1e-6, rtol=0)
