@@ -1204,7 +1204,7 @@ class Trunk(nn.Module):
         heads = torch.arange(1, args.num_heads + 1)
         self.register_buffer("slopes", 2.0 ** (-8.0 * heads / args.num_heads), persistent=False)
         self.windows = {}  # (block, device) -> a block's ALiBi scores, -inf outside its window
-        # The last two rollout calls' (memory, weight versions, keys and values): a time-limit bootstrap's call
+        # The last two rollout calls' (memory, weight versions, keys and values): a time-limit bootstrap
         # steps from the same state as the next rollout step, and must not evict that state's window
         self.rollout_cache = []
         # Listed once, as the optimizer holds them: walking the modules costs 0.1 ms, at every rollout step
