@@ -92,7 +92,8 @@ class Args:
     compile: bool = False
     """compile the agent's rollout step and the PPO loss with torch.compile before training starts, and
     step Adam fused (seconds to minutes on a CPU: summary.json's compile_s, outside its steps/s); results
-    match eager to float rounding; scripts whose trunk ran slower compiled refuse it and say why"""
+    match eager to float rounding; C++ loops run eager only, so a trunk that has them may run slower
+    compiled on some configs; scripts whose trunk ran slower compiled on every config refuse it and say why"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs `pip install wandb`)"""
     wandb_project_name: str = "rlbenchnet"
