@@ -797,7 +797,6 @@ def cpu_kernels():
         flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
         functions = ["gru_forward", "gru_backward"]
         kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
-        kernels.__deepcopy__ = lambda memo: kernels  # copies of an agent share it (a module does not copy)
         if time.time() - tic > 5:  # a build, not the cached module
             print(f"built the C++ GRU loops {name} in {time.time() - tic:.0f} s (cached for later runs)")
         return kernels, None
@@ -837,6 +836,14 @@ class Trunk(nn.Module):
             self.cpu_kernels, self.why_torch = cpu_kernels()
             if self.why_torch:
                 print(f"--gru-backend auto: {self.why_torch}; using nn.GRU", file=sys.stderr)
+
+    def __getstate__(self):  # torch.save(agent), copy.deepcopy: whether the C++ loops ran, not their module
+        return {**super().__getstate__(), "cpu_kernels": self.cpu_kernels is not None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.cpu_kernels:  # loaded again: the same module within a process, built once on a new machine
+            self.cpu_kernels, self.why_torch = cpu_kernels()
 
     @property
     def kernel(self) -> str:

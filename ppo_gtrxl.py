@@ -1029,7 +1029,6 @@ def cpu_kernels():
         flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
         functions = ["attention_forward", "attention_backward", "gate_forward", "gate_backward"]
         kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
-        kernels.__deepcopy__ = lambda memo: kernels  # copies of an agent share it (a module does not copy)
         if time.time() - tic > 5:  # a build, not the cached module
             seconds = time.time() - tic
             print(f"built the C++ attention and gate loops {name} in {seconds:.0f} s (cached for later runs)")
@@ -1210,6 +1209,14 @@ class Trunk(nn.Module):
         self.rollout_cache = []
         # Listed once, as the optimizer holds them: walking the modules costs 0.1 ms, at every rollout step
         self.layer_parameters = list(self.layers.parameters())
+
+    def __getstate__(self):  # torch.save(agent), copy.deepcopy: whether the C++ loops ran, not their module
+        return {**super().__getstate__(), "cpu_kernels": self.cpu_kernels is not None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.cpu_kernels:  # loaded again: the same module within a process, built once on a new machine
+            self.cpu_kernels, self.why_torch = cpu_kernels()
 
     @property
     def kernel(self) -> str:

@@ -1122,7 +1122,6 @@ def cpu_kernels():
         flags = ["-O3", "-ffast-math", "-fopenmp-simd", *isa_flags.get(capability, [])]
         functions = ["conv_forward", "conv_backward", "scan_forward", "scan_backward"]
         kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
-        kernels.__deepcopy__ = lambda memo: kernels  # copies of an agent share it (a module does not copy)
         if time.time() - tic > 5:  # a build, not the cached module
             seconds = time.time() - tic
             print(f"built the C++ convolution and scan {name} in {seconds:.0f} s (cached for later runs)")
@@ -1288,19 +1287,30 @@ class Trunk(nn.Module):
         self.final_norm = nn.RMSNorm(input_size, eps=1e-5)
         self.output_size = input_size
         self.state_reset = not args.no_state_reset
-        self.kernel = "torch selective scan (one loop over time each way, hand-written backward)"
-        self.cpu_kernels = None  # the C++ loops' module, on a CPU with --mamba-backend auto
+        self.cpu_kernels, self.why_torch = None, None  # the C++ loops' module: a CPU, --mamba-backend auto
         if args.mamba_backend == "auto" and not (args.cuda and torch.cuda.is_available()):
             if args.state_size > CPU_SCAN_MAX_STATE:
-                why_torch = f"the C++ scan takes a state size up to {CPU_SCAN_MAX_STATE}"
-                why_torch += f", got {args.state_size}"
+                self.why_torch = f"the C++ scan takes a state size up to {CPU_SCAN_MAX_STATE}"
+                self.why_torch += f", got {args.state_size}"
             else:
-                self.cpu_kernels, why_torch = cpu_kernels()
-            if why_torch:
-                print(f"--mamba-backend auto: {why_torch}; using the torch path", file=sys.stderr)
-                self.kernel += f"; {why_torch}"
-            else:
-                self.kernel = "C++ convolution and selective scan on the CPU (the torch path under --compile)"
+                self.cpu_kernels, self.why_torch = cpu_kernels()
+            if self.why_torch:
+                print(f"--mamba-backend auto: {self.why_torch}; using the torch path", file=sys.stderr)
+
+    def __getstate__(self):  # torch.save(agent), copy.deepcopy: whether the C++ loops ran, not their module
+        return {**super().__getstate__(), "cpu_kernels": self.cpu_kernels is not None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.cpu_kernels:  # loaded again: the same module within a process, built once on a new machine
+            self.cpu_kernels, self.why_torch = cpu_kernels()
+
+    @property
+    def kernel(self) -> str:
+        if self.cpu_kernels is not None and self.final_norm.weight.device.type == "cpu":
+            return "C++ convolution and selective scan on the CPU (the torch path under --compile)"
+        reason = f"; {self.why_torch}" if self.why_torch else ""
+        return f"torch selective scan (one loop over time each way, hand-written backward){reason}"
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(convolution windows [num_envs, layers, K - 1, inner], SSM states [num_envs, layers, inner, N])."""

@@ -1158,7 +1158,6 @@ def cpu_kernels():
         functions = ["conv_forward", "conv_backward", "ssd_forward", "ssd_backward", "gated_norm_forward"]
         functions += ["gated_norm_backward"]
         kernels = load_inline(name, cpp_sources=CPU_KERNEL_SOURCE, functions=functions, extra_cflags=flags)
-        kernels.__deepcopy__ = lambda memo: kernels  # copies of an agent share it (a module does not copy)
         if time.time() - tic > 5:  # a build, not the cached module
             seconds = time.time() - tic
             what = "the C++ convolution, SSD and gated norm"
@@ -1350,6 +1349,14 @@ class Trunk(nn.Module):
             self.cpu_kernels, self.why_torch = cpu_kernels()
         if self.why_torch:
             print(f"--mamba-backend {self.backend}: {self.why_torch}; using the torch path", file=sys.stderr)
+
+    def __getstate__(self):  # torch.save(agent), copy.deepcopy: whether the C++ loops ran, not their module
+        return {**super().__getstate__(), "cpu_kernels": self.cpu_kernels is not None}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.cpu_kernels:  # loaded again: the same module within a process, built once on a new machine
+            self.cpu_kernels, self.why_torch = cpu_kernels()
 
     def kernel_for(self, device: torch.device):
         return self.cuda_kernel if device.type == "cuda" else None

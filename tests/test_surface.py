@@ -1,6 +1,8 @@
 """The function surface of DESIGN section 3, in every domain, and parameter parity (section 6)."""
 
 import copy
+import io
+import sys
 
 import gymnasium as gym
 import numpy as np
@@ -77,6 +79,23 @@ def test_an_agent_deep_copies(module):
     copied = copy.deepcopy(agent)
     torch.testing.assert_close(copied.get_value(obs, state, starts)[0], agent.get_value(obs, state, starts)[0])
     assert all(a is not b for a, b in zip(copied.parameters(), agent.parameters(), strict=True))
+    assert getattr(copied.trunk, "cpu_kernels", None) is getattr(agent.trunk, "cpu_kernels", None)
+
+
+def test_a_whole_agent_saves_and_loads(module, monkeypatch):
+    """torch.save(agent) and torch.load of the whole module work with the C++ loops too: the file says whether
+    they ran, not their module, and the loaded agent runs them again and computes what the original does."""
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # pickle finds classes by their module's name
+    _, envs, agent = build(module, "classic")
+    obs = torch.as_tensor(envs.reset(seed=0)[0])[None]
+    state, starts = agent.initial_state(2, torch.device("cpu")), torch.ones(1, 2)
+    buffer = io.BytesIO()
+    torch.save(agent, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.trunk.kernel == agent.trunk.kernel
+    assert getattr(loaded.trunk, "cpu_kernels", None) is getattr(agent.trunk, "cpu_kernels", None)
+    torch.testing.assert_close(loaded.get_value(obs, state, starts)[0], agent.get_value(obs, state, starts)[0])
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -136,3 +155,17 @@ def test_view_pool_on_images_adds_the_average_of_each_feature_map(domain):
         head.weight[:, : maps[0].numel()] = 0  # what remains reads the pooled features only
         expected = torch.relu(maps.mean((-2, -1)) @ head.weight[:, maps[0].numel() :].T + head.bias)
         torch.testing.assert_close(pooled.encoder(obs), expected)
+
+
+def test_a_saved_agent_loads_where_the_cpp_loops_cannot_build(module, monkeypatch, request):
+    """An agent saved with the C++ loops and loaded where they do not build runs the torch path, and says why."""
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    _, _, agent = build(module, "classic")
+    if getattr(agent.trunk, "cpu_kernels", None) is None:
+        pytest.skip("this trunk has no C++ loops")
+    buffer = io.BytesIO()
+    torch.save(agent, buffer)
+    buffer.seek(0)
+    why = request.getfixturevalue("no_cpp_compiler")
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.trunk.cpu_kernels is None and loaded.trunk.kernel.endswith(why), loaded.trunk.kernel
