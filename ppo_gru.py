@@ -841,9 +841,11 @@ class Trunk(nn.Module):
         return {**super().__getstate__(), "cpu_kernels": self.cpu_kernels is not None}
 
     def __setstate__(self, state):
-        super().__setstate__(state)
-        if self.cpu_kernels:  # loaded again: the same module within a process, built once on a new machine
+        super().__setstate__({**state, "cpu_kernels": None})
+        if state["cpu_kernels"]:  # they ran: the same module within a process, built once on a new machine
             self.cpu_kernels, self.why_torch = cpu_kernels()
+            if self.why_torch:
+                print(f"loaded without the C++ loops: {self.why_torch}; the torch path", file=sys.stderr)
 
     @property
     def kernel(self) -> str:

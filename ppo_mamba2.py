@@ -1350,13 +1350,18 @@ class Trunk(nn.Module):
         if self.why_torch:
             print(f"--mamba-backend {self.backend}: {self.why_torch}; using the torch path", file=sys.stderr)
 
-    def __getstate__(self):  # torch.save(agent), copy.deepcopy: whether the C++ loops ran, not their module
-        return {**super().__getstate__(), "cpu_kernels": self.cpu_kernels is not None}
+    def __getstate__(self):  # torch.save(agent), copy.deepcopy: which kernels ran, not the kernels themselves
+        ran = {"cuda_kernel": self.cuda_kernel is not None, "cpu_kernels": self.cpu_kernels is not None}
+        return {**super().__getstate__(), **ran}
 
     def __setstate__(self, state):
-        super().__setstate__(state)
-        if self.cpu_kernels:  # loaded again: the same module within a process, built once on a new machine
+        super().__setstate__({**state, "cuda_kernel": None, "cpu_kernels": None})
+        if state["cuda_kernel"]:  # they ran: load them again (where mamba-ssm is missing, the torch path)
+            self.cuda_kernel, self.why_torch = mamba_ssm_kernel()
+        if state["cpu_kernels"]:  # the same module within a process, built once on a new machine
             self.cpu_kernels, self.why_torch = cpu_kernels()
+        if self.why_torch and (state["cuda_kernel"] or state["cpu_kernels"]):
+            print(f"loaded without the {self.backend} kernels: {self.why_torch}; the torch path", file=sys.stderr)
 
     def kernel_for(self, device: torch.device):
         return self.cuda_kernel if device.type == "cuda" else None

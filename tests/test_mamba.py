@@ -4,6 +4,7 @@ through starts, the scan and backend choices, and the mamba-ssm kernel against t
 mamba-ssm exist."""
 
 import dataclasses
+import io
 import json
 import sys
 
@@ -582,3 +583,21 @@ def test_post_mlp_adds_the_papers_residual_mlp_and_resets_stay_exact():
         agent.trunk.post_mlp[-1].weight.zero_()
         agent.trunk.post_mlp[-1].bias.zero_()
     assert not torch.allclose(outputs(agent, obs, agent.initial_state(num_envs, cpu), starts, actions)[0], other)
+
+
+def test_a_saved_agent_with_mamba_ssm_loads_where_it_is_missing(monkeypatch, capsys):
+    """torch.save(agent) of a `--mamba-backend cuda` trunk stores that the kernel ran, not the kernel: loading
+    looks it up again, and where mamba-ssm is missing runs the torch path and says why."""
+    module = load(MAMBA2)
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # pickle finds classes by their module's name
+    monkeypatch.setattr(module, "mamba_ssm_kernel", lambda: (lambda *inputs, **options: None, None))  # not picklable
+    trunk = module.Trunk(16, module.parse_args([*DOMAINS["classic"], "--mamba-backend", "cuda"]))
+    assert trunk.cuda_kernel is not None
+    buffer = io.BytesIO()
+    torch.save(trunk, buffer)
+    buffer.seek(0)
+    why = "mamba-ssm is not importable (No module named 'mamba_ssm')"
+    monkeypatch.setattr(module, "mamba_ssm_kernel", lambda: (None, why))
+    loaded = torch.load(buffer, weights_only=False)
+    assert loaded.cuda_kernel is None and loaded.why_torch == why
+    assert capsys.readouterr().err.strip() == f"loaded without the cuda kernels: {why}; the torch path"

@@ -1,6 +1,7 @@
 """The function surface of DESIGN section 3, in every domain, and parameter parity (section 6)."""
 
 import copy
+import dataclasses
 import io
 import sys
 
@@ -8,7 +9,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import DOMAINS, TEMPLATE, TINY, load
+from conftest import DOMAINS, TEMPLATE, TINY, assert_agree_to_float32_rounding, load
 
 OBS_KIND = {  # shape and dtype reaching the network, by domain (DESIGN section 4)
     "mujoco": ((17,), np.float32),
@@ -70,32 +71,65 @@ def test_starts_may_be_bool(module):
     torch.testing.assert_close(as_float, as_bool)
 
 
-def test_an_agent_deep_copies(module):
-    """copy.deepcopy of an agent (a target network, a snapshot) works with the C++ loops too: the copy shares
-    the loaded extension and computes what the original does, and its weights are its own."""
-    _, envs, agent = build(module, "classic")
+def build_on(module, trunk_path: str):
+    """A CartPoleNoVel agent on its trunk's default path (`default`: the C++ loops on a CPU, where the trunk has
+    them) or its torch path (`torch`: the script's `--*-backend torch`); skips a script without that choice."""
+    backends = [field.name for field in dataclasses.fields(module.Args) if field.name.endswith("_backend")]
+    if trunk_path == "torch" and not backends:
+        pytest.skip("this script's trunk has one path")
+    extra = [f"--{backends[0].replace('_', '-')}", "torch"] if trunk_path == "torch" else []
+    _, envs, agent = build(module, "classic", extra)
     obs = torch.as_tensor(envs.reset(seed=0)[0])[None]
-    state, starts = agent.initial_state(2, torch.device("cpu")), torch.ones(1, 2)
+    envs.close()
+    return agent, (obs, agent.initial_state(2, torch.device("cpu")), torch.ones(1, 2))
+
+
+@pytest.mark.parametrize("trunk_path", ["default", "torch"])
+def test_an_agent_deep_copies(module, trunk_path):
+    """copy.deepcopy of an agent (a target network, a snapshot) works on either path: the copy runs what the
+    original runs (sharing the loaded C++ loops) and computes what it does, and its weights are its own."""
+    agent, inputs = build_on(module, trunk_path)
     copied = copy.deepcopy(agent)
-    torch.testing.assert_close(copied.get_value(obs, state, starts)[0], agent.get_value(obs, state, starts)[0])
-    assert all(a is not b for a, b in zip(copied.parameters(), agent.parameters(), strict=True))
+    assert copied.trunk.kernel == agent.trunk.kernel
     assert getattr(copied.trunk, "cpu_kernels", None) is getattr(agent.trunk, "cpu_kernels", None)
+    torch.testing.assert_close(copied.get_value(*inputs)[0], agent.get_value(*inputs)[0])
+    assert all(a is not b for a, b in zip(copied.parameters(), agent.parameters(), strict=True))
 
 
-def test_a_whole_agent_saves_and_loads(module, monkeypatch):
-    """torch.save(agent) and torch.load of the whole module work with the C++ loops too: the file says whether
-    they ran, not their module, and the loaded agent runs them again and computes what the original does."""
+def saved_and_loaded(module, monkeypatch, agent, before_loading=lambda: None):
+    """torch.save of the whole agent, then torch.load of it (after `before_loading`)."""
     monkeypatch.setitem(sys.modules, module.__name__, module)  # pickle finds classes by their module's name
-    _, envs, agent = build(module, "classic")
-    obs = torch.as_tensor(envs.reset(seed=0)[0])[None]
-    state, starts = agent.initial_state(2, torch.device("cpu")), torch.ones(1, 2)
     buffer = io.BytesIO()
     torch.save(agent, buffer)
     buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    before_loading()
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("trunk_path", ["default", "torch"])
+def test_a_whole_agent_saves_and_loads(module, monkeypatch, trunk_path):
+    """torch.save(agent) and torch.load of the whole module work on either path: the file says whether the C++
+    loops ran, not their module, and the loaded agent runs what the original ran and computes what it does."""
+    agent, inputs = build_on(module, trunk_path)
+    loaded = saved_and_loaded(module, monkeypatch, agent)
     assert loaded.trunk.kernel == agent.trunk.kernel
     assert getattr(loaded.trunk, "cpu_kernels", None) is getattr(agent.trunk, "cpu_kernels", None)
-    torch.testing.assert_close(loaded.get_value(obs, state, starts)[0], agent.get_value(obs, state, starts)[0])
+    torch.testing.assert_close(loaded.get_value(*inputs)[0], agent.get_value(*inputs)[0])
+
+
+def test_a_saved_agent_loads_where_the_cpp_loops_cannot_build(module, monkeypatch, request, capsys):
+    """An agent saved with the C++ loops and loaded where they do not build runs the torch path, says why, and
+    computes what the original does (to float32 rounding: the two paths add in other orders)."""
+    agent, inputs = build_on(module, "default")
+    if getattr(agent.trunk, "cpu_kernels", None) is None:
+        pytest.skip("this trunk has no C++ loops")
+    why = []
+    loaded = saved_and_loaded(
+        module, monkeypatch, agent, lambda: why.append(request.getfixturevalue("no_cpp_compiler"))
+    )
+    assert loaded.trunk.cpu_kernels is None and loaded.trunk.kernel.endswith(why[0]), loaded.trunk.kernel
+    assert why[0] in capsys.readouterr().err
+    assert_agree_to_float32_rounding(loaded.get_value(*inputs)[0], agent.get_value(*inputs)[0])
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -155,17 +189,3 @@ def test_view_pool_on_images_adds_the_average_of_each_feature_map(domain):
         head.weight[:, : maps[0].numel()] = 0  # what remains reads the pooled features only
         expected = torch.relu(maps.mean((-2, -1)) @ head.weight[:, maps[0].numel() :].T + head.bias)
         torch.testing.assert_close(pooled.encoder(obs), expected)
-
-
-def test_a_saved_agent_loads_where_the_cpp_loops_cannot_build(module, monkeypatch, request):
-    """An agent saved with the C++ loops and loaded where they do not build runs the torch path, and says why."""
-    monkeypatch.setitem(sys.modules, module.__name__, module)
-    _, _, agent = build(module, "classic")
-    if getattr(agent.trunk, "cpu_kernels", None) is None:
-        pytest.skip("this trunk has no C++ loops")
-    buffer = io.BytesIO()
-    torch.save(agent, buffer)
-    buffer.seek(0)
-    why = request.getfixturevalue("no_cpp_compiler")
-    loaded = torch.load(buffer, weights_only=False)
-    assert loaded.trunk.cpu_kernels is None and loaded.trunk.kernel.endswith(why), loaded.trunk.kernel
