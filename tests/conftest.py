@@ -7,6 +7,7 @@ What differs (trunks, sizes, defaults, a tiny run per domain) is tested for ever
 
 import contextlib
 import importlib.util
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks import their `common` module, tests import them
 SCRIPTS = sorted(ROOT.glob("ppo_*.py"))
 TEMPLATE = ROOT / "ppo_mlp.py"
 
@@ -159,3 +161,13 @@ def outputs(agent, obs, state, starts, actions):
     with torch.no_grad():
         _, logprob, entropy, value, state = agent.get_action_and_value(obs, state, starts, actions)
     return torch.stack([logprob, entropy, value]), state
+
+
+def saved_and_loaded(module, monkeypatch, agent, before_loading=lambda: None):
+    """torch.save of a whole agent or trunk of a script module, then torch.load of it (after `before_loading`)."""
+    monkeypatch.setitem(sys.modules, module.__name__, module)  # pickle finds classes by their module's name
+    buffer = io.BytesIO()
+    torch.save(agent, buffer)
+    buffer.seek(0)
+    before_loading()
+    return torch.load(buffer, weights_only=False)

@@ -5,14 +5,11 @@ These are the measured targets of docs/performance.md, rerun as tests; they are 
 
 import csv
 import json
-import sys
 
+import memory_diagnosis
 import pytest
 import torch
 from conftest import ROOT, TEMPLATE, load, run_script
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import memory_diagnosis
 
 pytestmark = pytest.mark.slow
 

@@ -4,9 +4,7 @@ through starts, the scan and backend choices, and the mamba-ssm kernel against t
 mamba-ssm exist."""
 
 import dataclasses
-import io
 import json
-import sys
 
 import pytest
 import torch
@@ -21,6 +19,7 @@ from conftest import (
     outputs,
     rollout_batch,
     run_script,
+    saved_and_loaded,
     tf32_off,
 )
 
@@ -516,7 +515,6 @@ def test_a_memory_first_start_carries_an_input_further():
     """benchmarks/mamba2_memory_at_init.py: with the reference start an input 10 steps back reaches the
     output at about 1e-3 of a current one; dt in [0.1, 1], -A in [0.05, 1] and D = 0 carry it about 100x
     further."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     benchmark = load(ROOT / "benchmarks" / "mamba2_memory_at_init.py")
     lag = 3  # LAGS index of t = 10
     reference = benchmark.reach(benchmark.STARTS["reference (dt 0.001-0.1, -A 1-16, D 1)"], seed=0)
@@ -528,7 +526,6 @@ def test_a_memory_first_start_carries_an_input_further():
 def test_taught_directly_the_mamba2_trunk_recalls_a_cue_20_steps_later_and_the_mlp_cannot():
     """benchmarks/cue_recall.py: the supervised version of MemoryS11's memory. Mamba-2 with the memory-first
     start names the cue 20 steps on after 200 updates (both seeds of the benchmark); the MLP stays at chance."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     cue_recall = load(ROOT / "benchmarks" / "cue_recall.py")
     memory_first = cue_recall.TRUNKS["mamba2 dt 0.1-1, -A 0.05-1, D 0"][1]
     (recalled,) = cue_recall.recall(load(MAMBA2), memory_first, seed=1, checkpoints=(200,))
@@ -589,15 +586,14 @@ def test_a_saved_agent_with_mamba_ssm_loads_where_it_is_missing(monkeypatch, cap
     """torch.save(agent) of a `--mamba-backend cuda` trunk stores that the kernel ran, not the kernel: loading
     looks it up again, and where mamba-ssm is missing runs the torch path and says why."""
     module = load(MAMBA2)
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # pickle finds classes by their module's name
     monkeypatch.setattr(module, "mamba_ssm_kernel", lambda: (lambda *inputs, **options: None, None))  # not picklable
     trunk = module.Trunk(16, module.parse_args([*DOMAINS["classic"], "--mamba-backend", "cuda"]))
     assert trunk.cuda_kernel is not None
-    buffer = io.BytesIO()
-    torch.save(trunk, buffer)
-    buffer.seek(0)
     why = "mamba-ssm is not importable (No module named 'mamba_ssm')"
-    monkeypatch.setattr(module, "mamba_ssm_kernel", lambda: (None, why))
-    loaded = torch.load(buffer, weights_only=False)
+
+    def mamba_ssm_missing():
+        monkeypatch.setattr(module, "mamba_ssm_kernel", lambda: (None, why))
+
+    loaded = saved_and_loaded(module, monkeypatch, trunk, before_loading=mamba_ssm_missing)
     assert loaded.cuda_kernel is None and loaded.why_torch == why
     assert capsys.readouterr().err.strip() == f"loaded without the cuda kernels: {why}; the torch path"

@@ -4,12 +4,10 @@ checkpoint prints every table."""
 import subprocess
 import sys
 
+import memory_diagnosis
 import numpy as np
 import torch
 from conftest import DOMAINS, ROOT, TEMPLATE, TINY, load
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import memory_diagnosis
 
 
 def probe_samples(features_of_cue, count: int = 400, seed: int = 0) -> list[dict]:

@@ -4,10 +4,8 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, load
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
 import peers
+from conftest import ROOT, load
 
 
 def parameters(module) -> int:

@@ -2,14 +2,12 @@
 
 import copy
 import dataclasses
-import io
-import sys
 
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from conftest import DOMAINS, TEMPLATE, TINY, assert_agree_to_float32_rounding, load
+from conftest import DOMAINS, TEMPLATE, TINY, assert_agree_to_float32_rounding, load, saved_and_loaded
 
 OBS_KIND = {  # shape and dtype reaching the network, by domain (DESIGN section 4)
     "mujoco": ((17,), np.float32),
@@ -94,16 +92,6 @@ def test_an_agent_deep_copies(module, trunk_path):
     assert getattr(copied.trunk, "cpu_kernels", None) is getattr(agent.trunk, "cpu_kernels", None)
     torch.testing.assert_close(copied.get_value(*inputs)[0], agent.get_value(*inputs)[0])
     assert all(a is not b for a, b in zip(copied.parameters(), agent.parameters(), strict=True))
-
-
-def saved_and_loaded(module, monkeypatch, agent, before_loading=lambda: None):
-    """torch.save of the whole agent, then torch.load of it (after `before_loading`)."""
-    monkeypatch.setitem(sys.modules, module.__name__, module)  # pickle finds classes by their module's name
-    buffer = io.BytesIO()
-    torch.save(agent, buffer)
-    buffer.seek(0)
-    before_loading()
-    return torch.load(buffer, weights_only=False)
 
 
 @pytest.mark.parametrize("trunk_path", ["default", "torch"])
