@@ -294,12 +294,13 @@ if ((slurm)); then
         echo "#SBATCH --requeue"
         echo "#SBATCH --signal=B:TERM@$signal_lead"
         echo "#SBATCH --time=$time_limit"
+        echo "#SBATCH --ntasks=1"  # one run per array task; SLURM 23.11+ refuses --gpus-per-task without it
         echo "#SBATCH --cpus-per-task=$cpus_per_task"
         ((gpus_per_task > 0)) && echo "#SBATCH --gpus-per-task=$gpus_per_task"
         [[ -n $partition ]] && echo "#SBATCH --partition=$partition"
         [[ -n $mem ]] && echo "#SBATCH --mem=$mem"
         for option in ${sbatch_options[@]+"${sbatch_options[@]}"}; do echo "#SBATCH $option"; done
-        echo "#SBATCH --output=$PWD/$LOG_DIR/slurm-%A_%a.out"
+        echo "#SBATCH --output=$(printf '%q' "$PWD/$LOG_DIR")/slurm-%A_%a.out"
         echo "#SBATCH --open-mode=append"
         echo "cd $(printf '%q' "$PWD")"
         line=$(printf '%q ' "${grid[@]}")
@@ -314,8 +315,9 @@ if ((slurm)); then
     job_file="$BENCH_DIR/slurm_$(date +%Y%m%d_%H%M%S).sbatch"
     job_script >"$job_file"
     sbatch --parsable "$job_file"
-    echo "submitted $job_file (${#pending[@]} tasks); logs in $LOG_DIR; rerun the same command to resubmit" \
-        "what did not complete, then: python report.py runs/ --out results/" >&2
+    echo "submitted $job_file (${#pending[@]} tasks); logs in $LOG_DIR; once the array has finished, rerun the" \
+        "same command to resubmit what did not complete (not before: it would resume running cells a second" \
+        "time), then: python report.py runs/ --out results/" >&2
     exit 0
 fi
 

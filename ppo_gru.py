@@ -3,9 +3,10 @@
 Observations are encoded (MLP for vectors, a CNN for Atari and MiniGrid RGB, an embedding for MiniGrid
 symbols), passed through one `nn.GRU` layer, and read out by a policy head and a value head. Its state
 h is zeroed at every episode start, in the rollout (one step per call) and in training (whole rollout
-sequences replayed from the state stored at the rollout's start, starts anywhere inside). Training calls
-`nn.GRU` once per piece between episode starts: no Python loop over time steps forward; on the CPU the
-gradient is written by hand (`GRUBackward`), one short loop back through time.
+sequences replayed from the state stored at the rollout's start, starts anywhere inside). On a CPU its
+steps run in this file's C++ loops, forward and back through time (`--gru-backend auto`); on a GPU training
+calls `nn.GRU` once per piece between episode starts: no Python loop over time steps. On a CPU the gradient
+is written by hand (`GRUBackward`) on either path.
 Reference: Smirnov and Gu, "RLBenchNet: The Right Network for the Right Reinforcement Learning Task"
 (arXiv 2505.15040); the PPO details follow CleanRL's `ppo.py`, `ppo_atari_lstm.py` and
 `ppo_continuous_action.py`.
@@ -175,7 +176,8 @@ class Args:
     gru_backend: str = "auto"
     """auto or torch. auto runs the GRU on a CPU in this file's C++ loops over time (built on the first
     run, about 25 s, where a C++ compiler is found; else nn.GRU, saying why), on a GPU in nn.GRU (cuDNN);
-    torch runs nn.GRU everywhere (bit for bit the runs made before the C++ loops)"""
+    torch runs nn.GRU everywhere, with the hand-written backward on a CPU (bit for bit the runs made before
+    the C++ loops)"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
@@ -857,7 +859,8 @@ class Trunk(nn.Module):
         return f"nn.GRU split at starts (CPU), hand-written backward{reason}"
 
     def initial_state(self, num_envs: int, device: torch.device) -> torch.Tensor:
-        return torch.zeros(num_envs, self.output_size, device=device)
+        dtype = self.rnn.weight_hh_l0.dtype  # the state follows the module: .double() for gradient checks
+        return torch.zeros(num_envs, self.output_size, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, state, starts: torch.Tensor):
         """x [T, B, input_size], starts [T, B] -> y [T, B, hidden_size], state after step T - 1."""
@@ -908,11 +911,12 @@ class GRUBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, state, starts, trunk, w_ih, w_hh, b_ih, b_hh):
         y = trunk.sequence(x, state, starts)
-        keep = (1.0 - starts)[..., None]
+        keep = (1.0 - starts).to(x.dtype)[..., None]
         h_before = torch.cat([state[None], y[:-1]]) * keep  # the state each step starts from
         ctx.save_for_backward(x, keep, h_before, w_ih, w_hh, b_ih, b_hh)
-        ctx.reset_steps = set(torch.nonzero(starts.any(1)).flatten().tolist())
         ctx.kernels = trunk.cpu_kernels
+        if ctx.kernels is None:  # the torch loop back in time skips the reset multiply where no env starts
+            ctx.reset_steps = set(torch.nonzero(starts.any(1)).flatten().tolist())
         return y
 
     @staticmethod

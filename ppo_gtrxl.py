@@ -22,8 +22,8 @@ Run:
     python ppo_gtrxl.py --env-id CartPoleNoVel-v1 --no-state-reset   # the paper's leak, for ablation
     python ppo_gtrxl.py --help
 
-This is ppo_trxl.py with its `TransformerLayer` rewritten, `GRUGate` and `--gate-bias` added, and smaller
-default sizes (the gates cost 12 x size^2 parameters per layer; section 3 keeps the count equal to the MLP's).
+Its layers are narrower than a Transformer-XL's would be at the same parameter count: the gates cost 12 x
+size^2 parameters per layer, and section 3 keeps the count equal to the MLP's.
 The file reads top to bottom in eight sections: 1. imports, 2. arguments (`Args`; every field is a `--help`
 line), 3. the domain-defaults table, 4. parsing and checking the command line, 5. environments, 6. the network
 (encoder, trunk, heads), 7. profiling helpers, 8. training (`main`). The code between `# >>> shared: <name>`
@@ -782,7 +782,7 @@ template <typename F> void transposed(In<F> kv, Out<F> out, int64_t rows, int64_
 template <typename F, int64_t SIZE>
 void weighted_rows(In<F> weight, int64_t weight_stride, In<F> rows, int64_t row_stride, int64_t n, int64_t D,
                    Out<F> out) {
-  constexpr int64_t MAX = SIZE ? SIZE : 1024;  // head_size <= 1024 (checked by the caller)
+  constexpr int64_t MAX = SIZE ? SIZE : 1024;  // CPU_MAX_HEAD_SIZE: the Trunk sends larger heads to torch
   F acc[4][MAX];
   for (int64_t k = 0; k < 4; ++k) std::fill(acc[k], acc[k] + D, F(0));
   int64_t k = 0;
@@ -1015,11 +1015,14 @@ std::vector<torch::Tensor> gate_backward(torch::Tensor grad_out, torch::Tensor x
 """
 
 
+CPU_MAX_HEAD_SIZE = 1024  # the C++ loops keep a head's row in a fixed array of this size (MAX)
+
+
 def cpu_kernels():
-    """This file's C++ loops (a module with attention_forward and attention_backward), built the first time on
-    this CPU type (about 25 s; torch caches the build), or None and why. -ffast-math (when compiling only: the
-    process's float mode stays as it is) lets gcc call glibc's vectorised exp; the build's name holds the
-    instruction set, so one cache can serve mixed nodes."""
+    """This file's C++ loops (a module with attention_forward, attention_backward, gate_forward and
+    gate_backward), built the first time on this CPU type (about 30 s; torch caches the build), or None and
+    why. -ffast-math (when compiling only: the process's float mode stays as it is) lets gcc call glibc's
+    vectorised exp; the build's name holds the instruction set, so one cache can serve mixed nodes."""
     from torch.utils.cpp_extension import load_inline
 
     capability = torch.backends.cpu.get_cpu_capability()  # DEFAULT, AVX2, AVX512, ...
@@ -1197,8 +1200,13 @@ class Trunk(nn.Module):
         self.output_size = args.hidden_size
         self.state_reset = not args.no_state_reset
         self.cpu_kernels, self.why_torch = None, None
-        if args.attention_backend == "auto" and not (args.cuda and torch.cuda.is_available()):
-            self.cpu_kernels, self.why_torch = cpu_kernels()
+        on_gpu = args.cuda and torch.cuda.is_available()
+        if args.attention_backend == "auto" and not (on_gpu or args.compile):  # compiled graphs run torch
+            if args.head_size > CPU_MAX_HEAD_SIZE:
+                self.why_torch = f"the C++ loops take heads up to {CPU_MAX_HEAD_SIZE} wide"
+                self.why_torch += f", got {args.head_size}"
+            else:
+                self.cpu_kernels, self.why_torch = cpu_kernels()
             if self.why_torch:
                 print(f"--attention-backend auto: {self.why_torch}; using the torch path", file=sys.stderr)
         heads = torch.arange(1, args.num_heads + 1)
@@ -1211,7 +1219,9 @@ class Trunk(nn.Module):
         self.layer_parameters = list(self.layers.parameters())
 
     def __getstate__(self):  # torch.save(agent), copy.deepcopy: whether the C++ loops ran, not their module
-        return {**super().__getstate__(), "cpu_kernels": self.cpu_kernels is not None}
+        # and no cache: a loaded copy's weights count their versions from 0 again
+        caches = {"rollout_cache": [], "windows": {}}
+        return {**super().__getstate__(), "cpu_kernels": self.cpu_kernels is not None, **caches}
 
     def __setstate__(self, state):
         super().__setstate__({**state, "cpu_kernels": None})
@@ -1223,7 +1233,7 @@ class Trunk(nn.Module):
     @property
     def kernel(self) -> str:
         if self.cpu_kernels is not None and self.slopes.device.type == "cpu":
-            return "C++ sliding-window attention and gates on the CPU (the torch path under --compile)"
+            return "C++ sliding-window attention and gates on the CPU"
         reason = f"; auto backend: {self.why_torch}" if self.why_torch else ""
         return f"block-local attention, one batched call per layer{reason}"
 
@@ -1244,7 +1254,8 @@ class Trunk(nn.Module):
         return (-self.slopes[:, None, None] * distance).masked_fill(outside, -math.inf)
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        memory = torch.zeros(num_envs, len(self.layers), self.memory_length, self.output_size, device=device)
+        shape = (num_envs, len(self.layers), self.memory_length, self.output_size)
+        memory = torch.zeros(shape, dtype=self.slopes.dtype, device=device)  # .double() for gradient checks
         return memory, torch.zeros(num_envs, dtype=torch.long, device=device)
 
     def forward(self, x: torch.Tensor, state, starts: torch.Tensor):
@@ -1309,7 +1320,8 @@ class Trunk(nn.Module):
         return scores_bias.flatten(0, 1), padding  # [B * blocks, heads, block, M + block]
 
     def weight_versions(self) -> list[int]:
-        """In-place change counters of the layers' weights (autograd's own): an optimizer step raises them."""
+        """In-place change counters of the layers' weights (autograd's own): an optimizer step and
+        load_state_dict raise them; a write through `.data` does not (clear `rollout_cache` after one)."""
         return [parameter._version for parameter in self.layer_parameters]
 
     # The cache is Python bookkeeping (object identity, version counters): under --compile these two run

@@ -3,8 +3,9 @@
 Observations are encoded (MLP for vectors, a CNN for Atari and MiniGrid RGB, an embedding for MiniGrid
 symbols), passed through one `nn.LSTM` layer, and read out by a policy head and a value head. Its state
 (h, c) is zeroed at every episode start, in the rollout (one step per call) and in training (whole rollout
-sequences replayed from the state stored at the rollout's start, starts anywhere inside). Training calls
-`nn.LSTM` once per piece between episode starts: no Python loop over time steps.
+sequences replayed from the state stored at the rollout's start, starts anywhere inside). On a CPU its
+steps run in this file's C++ loops, forward and backward, one call per sequence (`--lstm-backend auto`);
+on a GPU training calls `nn.LSTM` once per piece between episode starts: no Python loop over time steps.
 Reference: Smirnov and Gu, "RLBenchNet: The Right Network for the Right Reinforcement Learning Task"
 (arXiv 2505.15040); the PPO details follow CleanRL's `ppo.py`, `ppo_atari_lstm.py` and
 `ppo_continuous_action.py`.
@@ -724,7 +725,7 @@ void lstm_forward_loop(In<F> gi, In<F> w_hh_t, In<F> keep, In<F> h0, In<F> c0, O
 }
 
 // Back in time from the gradients of the outputs (grad_y) and of the last cell (grad_c_last): dh = grad_y_t +
-// carried_h, dc = carried_c + dh o (1 - tanh(c_t)^2), the pre-activations' gradients di g i (1 - i),
+// carried_h, dc = carried_c + dh o (1 - tanh(c_t)^2), the pre-activations' gradients dc g i (1 - i),
 // dc c_{t-1} f (1 - f), dc i (1 - g^2), dh tanh(c_t) o (1 - o) (written to dpre [T, B, 4H]), then
 // carried_h = keep_t dpre W_hh and carried_c = keep_t dc f. c_before [T, B, H] is the cell each step starts
 // from (after its reset). Writes grad_h0 and grad_c0 [B, H] (the last carried).
@@ -868,7 +869,8 @@ class Trunk(nn.Module):
         return f"nn.LSTM split at starts (CPU){reason}"
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        return tuple(torch.zeros(num_envs, self.output_size, device=device) for _ in range(2))
+        dtype = self.rnn.weight_hh_l0.dtype  # the state follows the module: .double() for gradient checks
+        return tuple(torch.zeros(num_envs, self.output_size, dtype=dtype, device=device) for _ in range(2))
 
     def forward(self, x: torch.Tensor, state, starts: torch.Tensor):
         """x [T, B, input_size], starts [T, B] -> y [T, B, hidden_size], state after step T - 1."""

@@ -803,8 +803,8 @@ void conv_backward_loop(Padded<const F*> in, In<F> weight, In<F> starts, In<F> p
 // (64 bytes with AVX-512, 32 with AVX2, 16 without), a block one GCC vector: the channels are the lanes and
 // the state entries a loop, so y_t = C_t . h_t is a running sum in a register, not a sum across lanes.
 // (64-byte blocks on AVX2, two registers each, made the scan 1.4x slower forward and 2.2x backward.) The
-// channels are padded to whole blocks with zeros (x = 0, dt = 0, h0 = 0: the padding's state stays 0 and adds
-// exactly 0 to every sum over channels).
+// channels are padded to whole blocks with zeros (x = 0, A = 0, h0 = 0; dt = softplus(0): the padding's state
+// stays 0, adds exactly 0 to every sum over channels, and A = 0 zeroes its dt gradient).
 #if defined(__AVX512F__)
 constexpr int64_t BLOCK_BYTES = 64;
 #elif defined(__AVX__)
@@ -1245,8 +1245,9 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(inner, size, bias=False)
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        window = torch.zeros(num_envs, self.conv.kernel_size[0] - 1, self.conv.in_channels, device=device)
-        return window, torch.zeros(num_envs, *self.A_log.shape, device=device)
+        dtype, taps = self.A_log.dtype, self.conv.kernel_size[0]  # the state follows the module: .double()
+        window = torch.zeros(num_envs, taps - 1, self.conv.in_channels, dtype=dtype, device=device)
+        return window, torch.zeros(num_envs, *self.A_log.shape, dtype=dtype, device=device)
 
     def forward(self, u: torch.Tensor, state, starts: torch.Tensor, cpu_kernels=None):
         """`cpu_kernels`: this file's C++ loops on a CPU; None: the torch path."""
@@ -1288,7 +1289,8 @@ class Trunk(nn.Module):
         self.output_size = input_size
         self.state_reset = not args.no_state_reset
         self.cpu_kernels, self.why_torch = None, None  # the C++ loops' module: a CPU, --mamba-backend auto
-        if args.mamba_backend == "auto" and not (args.cuda and torch.cuda.is_available()):
+        on_gpu = args.cuda and torch.cuda.is_available()
+        if args.mamba_backend == "auto" and not (on_gpu or args.compile):  # compiled graphs run torch
             if args.state_size > CPU_SCAN_MAX_STATE:
                 self.why_torch = f"the C++ scan takes a state size up to {CPU_SCAN_MAX_STATE}"
                 self.why_torch += f", got {args.state_size}"
@@ -1310,7 +1312,7 @@ class Trunk(nn.Module):
     @property
     def kernel(self) -> str:
         if self.cpu_kernels is not None and self.final_norm.weight.device.type == "cpu":
-            return "C++ convolution and selective scan on the CPU (the torch path under --compile)"
+            return "C++ convolution and selective scan on the CPU"
         reason = f"; {self.why_torch}" if self.why_torch else ""
         return f"torch selective scan (one loop over time each way, hand-written backward){reason}"
 

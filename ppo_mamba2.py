@@ -7,8 +7,9 @@ head and a value head. Each block's state (its convolution window and its SSM st
 every episode start, in the rollout (one step per call) and in training (whole rollout sequences replayed
 from the state stored at the rollout's start, starts anywhere inside); the paper we reproduce trained its
 Mamba-2 without either, so memory leaked across episodes (`--no-state-reset` reproduces that, for ablation).
-On a CPU the convolution and the SSD run in this file's C++ loops (built at the first run), elsewhere in
-torch (the SSD in chunks, no loop over time steps); `--mamba-backend cuda` uses mamba-ssm's kernel.
+On a CPU the convolution, the SSD and the gated norm run in this file's C++ loops (built at the first
+run), elsewhere in torch (the SSD in chunks, no loop over time steps); `--mamba-backend cuda` uses
+mamba-ssm's kernel.
 Reference: Smirnov and Gu, "RLBenchNet: The Right Network for the Right Reinforcement Learning Task"
 (arXiv 2505.15040); the PPO details follow CleanRL's `ppo.py`, `ppo_atari_lstm.py` and
 `ppo_continuous_action.py`.
@@ -186,7 +187,8 @@ class Args:
     conv_size: int = 4
     """width of the causal depthwise convolution (Mamba-2's d_conv)"""
     chunk_size: int = 64
-    """SSD chunk length in steps: quadratic within a chunk, a recurrence across chunks"""
+    """SSD chunk length in steps: quadratic within a chunk, a recurrence across chunks (the torch path's and
+    mamba-ssm's multi-step calls; the C++ loops and one-step rollout calls run the recurrence step by step)"""
     # `None` takes the value of the domain-defaults table: Mamba-2's own start except on MiniGrid-MemoryS11
     dt_init: tuple[float, float] | None = None
     """range of the step sizes dt at initialisation, log-uniform (Mamba-2's dt_min, dt_max: 1e-3 1e-1)"""
@@ -198,11 +200,11 @@ class Args:
     """after the blocks, a residual ReLU MLP (width -> width / 2 -> width) before the final norm, as in the
     paper's Mamba-2 policy (its post_mamba_mlp): a nonlinear read of the blocks' output for the heads"""
     mamba_backend: str = "auto"
-    """auto, torch or cuda. auto runs the convolution, the SSD and the gated norm on a CPU in this file's
-    C++ loops (built on the first run, about 30 s, where a C++ compiler is found; else torch, saying why), on
-    a GPU and under --compile in torch (as fast as mamba-ssm's kernel over 128-step rollouts on an H200);
-    torch runs the torch path everywhere (bit for bit the runs made before the C++ loops); cuda runs
-    mamba-ssm's kernel on a CUDA device where mamba-ssm imports, else torch, saying why"""
+    """auto, torch or cuda. auto runs the convolution, the SSD and the gated norm on a CPU in this file's C++
+    loops (built on the first run, about 30 s, where a C++ compiler is found; else torch, saying why), on a
+    GPU and under --compile in torch; torch runs the torch path everywhere (bit for bit the runs made before
+    the C++ loops); cuda runs mamba-ssm's kernel on a CUDA device where mamba-ssm imports, else torch, saying
+    why"""
     no_state_reset: bool = False
     """never reset the memory at episode starts (the paper's leaky behaviour, for ablation)"""
 
@@ -772,11 +774,11 @@ def ssd(x, dt, A, B, C, starts, initial_state, chunk_size: int):
     return y.reshape(num_envs, chunks * length, heads, -1)[:, :steps].transpose(0, 1), final_state
 
 
-# Mamba-2's causal convolution (with its SiLU) and SSD recurrence as C++ loops on the CPU: one pass over time
-# per environment (the convolution) or per (environment, head) (the SSD, its state in the cache), exact at
-# episode starts, and one autograd node each where the torch path has dozens of small ops. Written by hand
-# because no library runs them on the CPU (mamba-ssm's kernels are CUDA-only); tested equal to `causal_conv`
-# and `ssd` in float64 and to finite differences.
+# Mamba-2's causal convolution (with its SiLU), SSD recurrence and gated norm as C++ loops on the CPU: one
+# pass over time per environment (the convolution) or per (environment, head) (the SSD, its state in the
+# cache), exact at episode starts, and one pass per row (the gated norm); one autograd node each where the
+# torch path has dozens of small ops. Written by hand because no library runs them on the CPU (mamba-ssm's
+# kernels are CUDA-only); tested equal to the torch path in float64 and to finite differences.
 CPU_KERNEL_SOURCE = r"""
 #include <torch/extension.h>
 #include <math.h>
@@ -1144,7 +1146,7 @@ std::vector<torch::Tensor> gated_norm_backward(torch::Tensor grad_out, torch::Te
 
 
 def cpu_kernels():
-    """This file's C++ loops (a module with conv_forward/backward and ssd_forward/backward), built the first
+    """This file's C++ loops (a module with conv_, ssd_ and gated_norm_forward/backward), built the first
     time on this CPU type (about 30 s; torch caches the build), or None and why. -ffast-math (when compiling
     only: the process's float mode stays as it is) lets gcc call glibc's vectorised exp; the build's name
     holds the instruction set, so one cache can serve mixed nodes."""
@@ -1262,8 +1264,9 @@ class Mamba2Mixer(nn.Module):
         self.chunk_size = args.chunk_size
 
     def initial_state(self, num_envs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        window = torch.zeros(num_envs, self.conv.kernel_size[0] - 1, self.conv.in_channels, device=device)
-        return window, torch.zeros(num_envs, *self.shape, device=device)
+        dtype, taps = self.A_log.dtype, self.conv.kernel_size[0]  # the state follows the module: .double()
+        window = torch.zeros(num_envs, taps - 1, self.conv.in_channels, dtype=dtype, device=device)
+        return window, torch.zeros(num_envs, *self.shape, dtype=dtype, device=device)
 
     def forward(self, u: torch.Tensor, state, starts: torch.Tensor, kernel=None, cpu_kernels=None):
         """`kernel`: mamba-ssm's SSD on a CUDA device; `cpu_kernels`: this file's C++ loops on a CPU; neither:
@@ -1320,13 +1323,13 @@ class Trunk(nn.Module):
     rollout's start, starts anywhere inside): the convolution masks the taps that reach across a start and
     the SSD sets the decay into a start to zero. Three paths compute this. The torch path has no loop over
     time steps: the SSD is a few einsums per chunk (the rollout's single step runs the recurrence itself),
-    which torch.compile fuses. On a CPU, `--mamba-backend auto` runs the convolution and the SSD in this
-    file's C++ loops instead (one autograd node each where the torch path has dozens of small ops: the trunk's
-    gradient steps 2x as fast at the table's sizes). `--mamba-backend cuda` runs mamba-ssm's
+    which torch.compile fuses. On a CPU, `--mamba-backend auto` runs the convolution, the SSD and the gated
+    norm in this file's C++ loops instead (one autograd node each where the torch path has dozens of small
+    ops: the trunk's gradient steps 2x as fast at the table's sizes). `--mamba-backend cuda` runs mamba-ssm's
     `mamba_chunk_scan_combined` (seq_idx and initial_states, exact resets; it computes in TF32) on a CUDA
     device, in the rollout and in training alike so the two agree; `auto` takes the torch path there: on an
-    H200, forward and backward over 128 steps took 3.5-5.2 ms in torch against 3.7-5.0 ms in the kernel, for
-    8 to 64 environments.
+    H200, forward and backward over 128 steps took 3.5-5.2 ms for a torch SSD in one chunk against 3.7-5.0 ms
+    in the kernel, for 8 to 64 environments (this script's 64-step chunks are not measured there yet).
     """
 
     def __init__(self, input_size: int, args: Args):
@@ -1343,9 +1346,10 @@ class Trunk(nn.Module):
         self.state_reset = not args.no_state_reset
         self.backend, self.cuda_kernel, self.cpu_kernels = args.mamba_backend, None, None
         self.why_torch = None
+        on_gpu = args.cuda and torch.cuda.is_available()
         if args.mamba_backend == "cuda":
-            self.cuda_kernel, self.why_torch = mamba_ssm_kernel()
-        elif args.mamba_backend == "auto" and not (args.cuda and torch.cuda.is_available()):
+            self.cuda_kernel, self.why_torch = mamba_ssm_kernel() if on_gpu else (None, "no CUDA device")
+        elif args.mamba_backend == "auto" and not (on_gpu or args.compile):  # compiled graphs run torch
             self.cpu_kernels, self.why_torch = cpu_kernels()
         if self.why_torch:
             print(f"--mamba-backend {self.backend}: {self.why_torch}; using the torch path", file=sys.stderr)
@@ -1372,7 +1376,7 @@ class Trunk(nn.Module):
         if self.kernel_for(device) is not None:
             return "mamba-ssm mamba_chunk_scan_combined (Triton, TF32)"
         if self.cpu_kernels is not None and device.type == "cpu":
-            return "C++ convolution, SSD and gated norm on the CPU (the torch path under --compile)"
+            return "C++ convolution, SSD and gated norm on the CPU"
         reason = f"; {self.backend} backend: {self.why_torch}" if self.why_torch else ""
         return f"torch chunked SSD (chunk {self.mixers[0].chunk_size}){reason}"
 

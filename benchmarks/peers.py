@@ -146,7 +146,8 @@ def make_peer(name: str):
         return gym.wrappers.TransformObservation(env, lambda obs: obs * np.array([1, 0, 1, 0], obs.dtype), None)
 
     envs = make_vec_env("CartPole-v1", n_envs=8, seed=1, wrapper_class=mask_velocities)
-    config = dict(n_steps=128, batch_size=256, n_epochs=10, learning_rate=2.5e-4, device="cpu", seed=1)
+    # device "auto": CUDA where torch sees it, as our scripts' default --cuda does, so both sides share a device
+    config = dict(n_steps=128, batch_size=256, n_epochs=10, learning_rate=2.5e-4, device="auto", seed=1)
     if name == "sb3-ppo-our-work":
         from stable_baselines3.common.vec_env import VecNormalize
 
@@ -263,7 +264,18 @@ def main():
 
     import torch
 
-    print(f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    if options.entries and set(options.entries) - set(RUN_ORDER):
+        parser.error(f"--entries: unknown {sorted(set(options.entries) - set(RUN_ORDER))}; choose from {RUN_ORDER}")
+    for variant in options.variants:
+        if variant.split()[0] not in SCRIPTS:
+            parser.error(f"--variants: {variant.split()[0]} is not one of our scripts {SCRIPTS}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}, every entry on {device}")
+    # SB3 gains nothing from a second thread here (docs/performance.md, "One torch thread or two")
+    print(
+        f"torch threads: our scripts their --torch-threads default (1 for vector and symbolic observations), "
+        f"the peers torch's default ({torch.get_num_threads()})"
+    )
     all_met, extra_flags = [], ["--compile"] if options.compile else []
     for config in options.configs:
         entries = [
@@ -284,6 +296,9 @@ def main():
                 figures[entry].append(measure(entry, config, extra_flags))
                 print(f"round {round_index + 1}, {entry}: {figures[entry][-1]['sps']:,.0f} steps/s", flush=True)
         all_met += report(config, entries, figures, ceilings)
+    if not all_met:
+        print("\nno target measured: the entries leave out every pair a target compares")
+        return
     print(f"\nevery target met: {all(all_met)} ({sum(all_met)} of {len(all_met)})")
 
 

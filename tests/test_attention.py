@@ -90,6 +90,8 @@ def test_a_rollout_step_projects_only_its_own_input_until_a_weight_changes(scrip
     for t in range(4):
         states.append(step(states[-1], t)[1])
         assert projected == (whole_window if t == 0 else own_step), t
+    # A copy (copy.deepcopy, torch.save) starts without the cache: its weights count their versions from 0 again
+    assert agent.trunk.rollout_cache and copy.deepcopy(agent).trunk.rollout_cache == []
     # An Adam step after a training call changes the weights in place: the cache, which still holds states[4]'s
     # window, must not serve the old keys
     before = copy.deepcopy(agent)
@@ -256,6 +258,16 @@ def test_auto_without_a_compiler_falls_back_to_the_torch_path_and_says_why(scrip
     assert trunk.kernel.startswith(TORCH_KERNEL) and trunk.kernel.endswith(no_cpp_compiler)
     assert trunk.cpu_kernels is None
     assert capsys.readouterr().err.strip() == f"--attention-backend auto: {no_cpp_compiler}; using the torch path"
+
+
+@pytest.mark.parametrize("script", ATTENTION, ids=lambda path: path.stem)
+def test_heads_wider_than_the_cpu_loops_take_run_the_torch_path_and_say_why(script, capsys):
+    module = load(script)
+    args = module.parse_args([*DOMAINS["classic"], "--head-size", str(module.CPU_MAX_HEAD_SIZE + 1)])
+    trunk = module.Trunk(args.hidden_size, args)
+    why = f"the C++ loops take heads up to {module.CPU_MAX_HEAD_SIZE} wide, got {module.CPU_MAX_HEAD_SIZE + 1}"
+    assert trunk.cpu_kernels is None and trunk.kernel.endswith(why)
+    assert capsys.readouterr().err.strip() == f"--attention-backend auto: {why}; using the torch path"
 
 
 @pytest.mark.parametrize("domain", ["classic", "minigrid-symbolic"])

@@ -130,7 +130,7 @@ def test_slurm_dry_run_writes_one_array_over_the_cells(tmp_path):
     lines = result.stdout.splitlines()
     assert result.stdout.count("#SBATCH --array=") == 1
     for directive in ["--array=0,1", "--requeue", "--signal=B:TERM@300", "--time=2:00:00", "--partition=gpu",
-                      "--gpus-per-task=1", "--cpus-per-task=4"]:  # fmt: skip
+                      "--ntasks=1", "--gpus-per-task=1", "--cpus-per-task=4"]:  # fmt: skip
         assert f"#SBATCH {directive}" in lines
     assert lines[-1].startswith(f'exec {BENCHMARK} --cell "$SLURM_ARRAY_TASK_ID" --archs mlp')
     assert lines[-1].endswith("-- --num-envs 4")

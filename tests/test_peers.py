@@ -113,3 +113,14 @@ def test_a_variant_runs_its_script_with_its_flags_and_is_reported_without_a_targ
     result = subprocess.run([*command, "--variants", "ppo_gru.py --num-layers 2"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "--variants: ppo_gru.py is not among this run's entries" in result.stderr.splitlines()[-1]
+
+
+def test_unknown_entries_and_variants_of_a_peer_are_refused():
+    """A typo must not run nothing and report every target met (0 of 0)."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "peers.py")]
+    result = subprocess.run([*command, "--entries", "ppo_mlp"], capture_output=True, text=True)
+    assert result.returncode == 2 and "--entries: unknown ['ppo_mlp']" in result.stderr.splitlines()[-1]
+    result = subprocess.run(
+        [*command, "--entries", "sb3-ppo", "--variants", "sb3-ppo --x"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "--variants: sb3-ppo is not one of our scripts" in result.stderr.splitlines()[-1]

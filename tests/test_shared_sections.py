@@ -89,9 +89,13 @@ def test_sections_are_numbered_from_one_as_the_docstring_says():
 
 
 def test_a_copied_script_reads_alone():
+    """No document, test or benchmark of ours, and no other script of the set but the template, which every
+    docstring names as what it differs from."""
     for script in SCRIPTS:
         for number, line in enumerate(script.read_text().splitlines(), 1):
             assert not EXTERNAL_REFERENCES.search(line), f"{script.name}:{number} points elsewhere: {line.strip()}"
+            siblings = {f"{name}.py" for name in re.findall(r"\b(ppo_\w+)\.py", line)} & {s.name for s in SCRIPTS}
+            assert siblings <= {script.name, TEMPLATE.name}, f"{script.name}:{number} names {siblings}"
 
 
 def test_density_near_cleanrl():

@@ -120,6 +120,43 @@ def test_a_saved_agent_loads_where_the_cpp_loops_cannot_build(module, monkeypatc
     assert_agree_to_float32_rounding(loaded.get_value(*inputs)[0], agent.get_value(*inputs)[0])
 
 
+def test_compile_runs_the_torch_path_throughout(module):
+    """Under --compile a trunk builds no C++ loops: the compiled graphs run its torch path, and so do the eager
+    calls between them (the time-limit bootstrap, the value after the rollout), as its label says."""
+    if module.NO_COMPILE:
+        pytest.skip(module.NO_COMPILE)
+    if getattr(build_on(module, "default")[0].trunk, "cpu_kernels", None) is None:
+        pytest.skip("this trunk has no C++ loops")
+    _, envs, compiled = build(module, "classic", ["--compile"])
+    envs.close()
+    assert compiled.trunk.cpu_kernels is None
+    assert compiled.trunk.kernel == build_on(module, "torch")[0].trunk.kernel
+
+
+@pytest.mark.parametrize("trunk_path", ["default", "torch"])
+def test_a_float64_trunk_runs_a_rollout_step_and_a_gradient_step(module, trunk_path):
+    """`trunk.double()` (for gradient checks) works on either path: its initial state follows the module's
+    dtype, and float32 starts, as `Agent.features` passes them, mix with float64 everywhere."""
+    agent, (obs, _, starts) = build_on(module, trunk_path)
+    trunk = agent.trunk.double()
+    x = agent.encoder(obs[0]).detach().double()[None]  # [1, 2 envs, the trunk's input size]
+    state = trunk.initial_state(2, torch.device("cpu"))
+    floats = [
+        part for part in torch.utils._pytree.tree_leaves(state) if torch.is_tensor(part) and part.is_floating_point()
+    ]
+    assert all(part.dtype == torch.float64 for part in floats)
+    with torch.inference_mode():
+        y, _ = trunk(x, state, starts)
+    assert y.dtype == torch.float64
+    steps = 6
+    sequence = (x.repeat(steps, 1, 1) + torch.randn(steps, *x.shape[1:], dtype=torch.float64)).requires_grad_()
+    starts = torch.zeros(steps, 2)
+    starts[[0, 3], [0, 1]] = 1
+    y, _ = trunk(sequence, trunk.initial_state(2, torch.device("cpu")), starts)
+    y.sum().backward()  # raised before: float32 states or masks beside float64 tensors
+    assert y.dtype == torch.float64 and torch.isfinite(sequence.grad).all()
+
+
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_parameter_count_within_ten_percent_of_mlp(module, domain):
     """DESIGN section 6: every script's default sizes match ppo_mlp.py's parameter count within +-10%."""
