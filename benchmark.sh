@@ -33,7 +33,9 @@ Grid:
   --seeds LIST        comma-separated seeds (default: 1,2,3)
   --steps-scale F     multiply every budget by F, e.g. 0.01 for a quick pass (default: 1)
   --ablation leak     also run every memory trunk with --no-state-reset (the paper's leak), as its own rows
-  -- FLAGS...         everything after -- goes to every script (e.g. -- --minigrid-obs symbolic)
+  -- FLAGS...         everything after -- goes to every script (e.g. -- --minigrid-obs symbolic); a cell is
+                      its script, env, seed and budget, not these flags: run a grid with other flags from
+                      another directory (runs/ is relative to it), or it will count the first grid's runs
 
 Where:
   --workers N         run N cells at once on this machine (default: 1); with GPUs, worker k gets GPU k mod #GPUs
@@ -43,7 +45,8 @@ Where:
   --time T            SLURM time limit per task (default: 24:00:00); the task gets SIGTERM --signal-lead
                       seconds before it, checkpoints, and is requeued to resume
   --signal-lead S     seconds between the SIGTERM and the time limit (default: 300)
-  --cpus-per-task N   (default: 4)
+  --cpus-per-task N   (default: 4; vector and symbolic cells train on one torch thread, the scripts'
+                      default: give them 1, or pass -- --torch-threads N)
   --gpus-per-task N   (default: 1; 0 on a CPU-only cluster)
   --mem M             memory per task, e.g. 16G (default: the cluster's default)
   --max-running N     at most N tasks of the array at once (default: as many as the cluster allows)
@@ -92,6 +95,12 @@ while [[ $# -gt 0 ]]; do
     esac
 done
 
+for flag in ${extra[@]+"${extra[@]}"}; do
+    case "${flag%%=*}" in
+        --env-id | --seed | --total-timesteps | --exp-name | --resume | --no-state-reset)
+            fail "$flag after --: the grid sets it per cell (--envs, --seeds, --steps-scale, --ablation leak)" ;;
+    esac
+done
 is_count() { [[ $1 =~ ^[0-9]+$ ]]; }
 positive() { [[ $1 =~ ^[0-9]+$ ]] && (($1 >= 1)); }
 positive "$workers" || fail "--workers must be a positive integer, got $workers"
@@ -216,7 +225,8 @@ run_cell() {
         echo "done $name: $run_dir"
         return 0
     fi
-    reason=$("$PYTHON" - "$run_dir" <<'PY'
+    reason=""
+    [[ -n $run_dir ]] && reason=$("$PYTHON" - "$run_dir" <<'PY'
 import json, sys
 from pathlib import Path
 try:
@@ -226,7 +236,8 @@ except (OSError, ValueError, KeyError):
     pass
 PY
 )
-    [[ -n $reason ]] || reason="exit status $code: $(grep -v '^== ' "$LOG_DIR/$name.log" | tail -n 1)"
+    # The log's last line of output (none when the script died before printing: grep then finds nothing)
+    [[ -n $reason ]] || reason="exit status $code: $({ grep -v '^== ' "$LOG_DIR/$name.log" || true; } | tail -n 1)"
     echo "$reason (log: $LOG_DIR/$name.log)" >"$BENCH_DIR/status/$name"
     if ((terminated)) && [[ -n ${SLURM_JOB_ID:-} ]] && near_time_limit; then
         echo "requeue $name at the time limit ($reason); the next attempt resumes"

@@ -3,15 +3,17 @@
     python report.py runs/ --out results/
 
 Reads every `summary.json` under the given directories. A cell is one architecture (a `--no-state-reset` run
-is its own row, "lstm (leak)"), one environment and one seed; when a cell was run more than once, its newest
-complete run counts, else its newest run. The grid is every row x every environment x every seed seen: a cell
-with no run is reported missing, one that failed or was interrupted is reported with its reason, and neither
-is dropped in silence. Writes to the output directory, each table as Markdown and CSV:
+is its own row, "lstm (leak)"), one environment and one seed; when a cell was run more than once, the runs of
+its largest budget (`--total-timesteps`) count, so a quick pass never stands in for the full one, and of those
+the newest complete run, else the newest (by the start time that ends each run's name). The grid is every row
+x every environment x every seed seen: a cell with no run is reported missing, one that failed or was
+interrupted is reported with its reason, and neither is dropped in silence. Writes to the output directory,
+each table as Markdown and CSV:
 
     efficiency       per architecture, averaged over environments: steps/s, inference latency, GPU memory
                      allocated and reserved, CPU RSS, parameters (the paper's efficiency table)
     speed            steps/s per architecture and environment, and the hours a cell of that budget needs
-    returns          final return (mean of the last 100 episodes) mean +- std over seeds
+    returns          final return (mean of the last 100 episodes) mean +- sample std over seeds
     aggregate        IQM and optimality gap of normalised returns across environments, with 95% stratified
                      bootstrap confidence intervals (rliable, Agarwal et al. 2021)
     problems         corrupt summaries and cells that are missing, failed, interrupted or still running
@@ -105,13 +107,21 @@ def row_order(row: str) -> tuple:
     return (ARCH_ORDER.index(arch) if arch in ARCH_ORDER else len(ARCH_ORDER), arch, row)
 
 
+def started(summary: dict) -> float:
+    """When a run started: the unix time its name ends with (`<env>__<exp>__<seed>__<time>`, as every script
+    names its runs), else its folder's modification time (which a copy or a checkout resets)."""
+    stamp = str(summary.get("run_name") or summary["dir"].name).rsplit("__", 1)[-1]
+    return float(stamp) if stamp.isdigit() else summary["dir"].stat().st_mtime
+
+
 def choose_cells(summaries: list[dict]) -> dict[tuple, dict]:
-    """(row, env, seed) -> the run that counts: the newest complete one, else the newest."""
+    """(row, env, seed) -> the run that counts: of the runs with the cell's largest budget, the newest complete
+    one, else the newest."""
     runs = defaultdict(list)
     for summary in summaries:
         runs[summary["row"], summary["env_id"], summary["seed"]].append(summary)
     return {
-        cell: max(candidates, key=lambda s: (s["status"] == "complete", s["dir"].stat().st_mtime))
+        cell: max(candidates, key=lambda s: (s["total_timesteps"], s["status"] == "complete", started(s)))
         for cell, candidates in runs.items()
     }
 
@@ -202,7 +212,8 @@ def returns_table(out: Path, grid: Grid) -> str:
         for env in grid.envs:
             runs = grid.complete[row, env]
             returns = [s["final_return_mean"] for s in runs if s.get("final_return_mean") is not None]
-            text = f"{np.mean(returns):.2f} +- {np.std(returns):.2f} (n={len(returns)})" if returns else "n/a"
+            spread = f"{np.std(returns, ddof=1):.2f}" if len(returns) > 1 else "n/a"  # the sample std over seeds
+            text = f"{np.mean(returns):.2f} +- {spread} (n={len(returns)})" if returns else "n/a"
             successes = [s["success_rate"] for s in runs if s.get("success_rate") is not None]
             if successes:  # MiniGrid: the share of the last 100 episodes that reached the goal
                 text += f", success {np.mean(successes):.2f}"
@@ -234,7 +245,10 @@ def aggregate_table(out: Path, grid: Grid, reps: int) -> str:
         normalised[row] = np.array(
             [[normalise(env, s["final_return_mean"]) for s in finished(grid, row, env)[:runs]] for env in scored]
         ).T
-    point, interval = rly.get_interval_estimates(normalised, iqm_and_gap, reps=reps)
+    # A fixed bootstrap seed: the same runs give the same intervals at every report
+    point, interval = rly.get_interval_estimates(
+        normalised, iqm_and_gap, reps=reps, random_state=np.random.RandomState(0)
+    )
     table = [
         [row, f"{point[row][0]:.3f}", f"[{interval[row][0, 0]:.3f}, {interval[row][1, 0]:.3f}]",
          f"{point[row][1]:.3f}", f"[{interval[row][0, 1]:.3f}, {interval[row][1, 1]:.3f}]"]

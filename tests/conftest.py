@@ -8,6 +8,7 @@ What differs (trunks, sizes, defaults, a tiny run per domain) is tested for ever
 import contextlib
 import importlib.util
 import io
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,23 @@ _modules = {}
 
 def pytest_addoption(parser):
     parser.addoption("--cuda", action="store_true", help="run the device-aware tests on the GPU, TF32 off")
+
+
+@pytest.fixture(autouse=True)
+def global_state_as_the_session_began():
+    """A training run in the test process (`main()`) seeds every generator and sets torch's thread count and
+    cuDNN/TF32 flags for the process: each test starts from, and leaves, the state the session began with, so
+    no result depends on which tests ran before."""
+    backends = torch.backends.cudnn, torch.backends.cuda.matmul
+    flags = [torch.backends.cudnn.deterministic, *(backend.allow_tf32 for backend in backends)]
+    generators = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    threads = torch.get_num_threads()
+    yield
+    torch.backends.cudnn.deterministic, backends[0].allow_tf32, backends[1].allow_tf32 = flags
+    torch.set_rng_state(generators[0])
+    np.random.set_state(generators[1])
+    random.setstate(generators[2])
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

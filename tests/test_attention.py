@@ -251,16 +251,6 @@ def test_cpu_gate_equals_the_torch_gate_and_its_gradients_equal_finite_differenc
 
 
 @pytest.mark.parametrize("script", ATTENTION, ids=lambda path: path.stem)
-def test_auto_without_a_compiler_falls_back_to_the_torch_path_and_says_why(script, no_cpp_compiler, capsys):
-    module = load(script)
-    args = module.parse_args(DOMAINS["classic"])
-    trunk = module.Trunk(args.hidden_size, args)
-    assert trunk.kernel.startswith(TORCH_KERNEL) and trunk.kernel.endswith(no_cpp_compiler)
-    assert trunk.cpu_kernels is None
-    assert capsys.readouterr().err.strip() == f"--attention-backend auto: {no_cpp_compiler}; using the torch path"
-
-
-@pytest.mark.parametrize("script", ATTENTION, ids=lambda path: path.stem)
 def test_heads_wider_than_the_cpu_loops_take_run_the_torch_path_and_say_why(script, capsys):
     module = load(script)
     args = module.parse_args([*DOMAINS["classic"], "--head-size", str(module.CPU_MAX_HEAD_SIZE + 1)])

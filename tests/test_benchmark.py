@@ -114,6 +114,8 @@ def test_ablation_leak_adds_a_no_state_reset_row_per_memory_trunk(tmp_path):
         (["--ablation", "reset"], "the only ablation is leak"),
         (["--frobnicate"], "unknown option --frobnicate"),
         (["--seeds"], "--seeds needs a value"),
+        (["--", "--seed", "3"], "--seed after --: the grid sets it per cell"),
+        (["--", "--num-envs", "4", "--exp-name=x"], "--exp-name=x after --: the grid sets it per cell"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, tmp_path):
@@ -247,8 +249,8 @@ def test_an_interrupted_cell_resumes_in_its_own_directory(tmp_path):
 
 
 def fake_run(runs: Path, arch: str, env_id: str, seed: int, final_return: float, status: str = "complete", **extra):
-    leak = extra.pop("leak", False)
-    run_dir = runs / f"{env_id.replace('/', '_')}__ppo_{arch}{'_leak' * leak}__{seed}__{1000 + seed}"
+    leak, started = extra.pop("leak", False), extra.pop("started", 1000 + seed)
+    run_dir = runs / f"{env_id.replace('/', '_')}__ppo_{arch}{'_leak' * leak}__{seed}__{started}"
     run_dir.mkdir(parents=True)
     (run_dir / "episodes.csv").write_text(
         "global_step,episodic_return,episodic_length\n" + "".join(f"{10 * i},{final_return},5\n" for i in range(1, 4))
@@ -290,7 +292,7 @@ def test_report_normalises_aggregates_and_flags_every_problem(tmp_path):
     returns = {row["arch"]: row for row in read_csv(out / "returns.csv")}
     assert list(returns) == ["mlp", "gru", "gru (leak)"]
     assert returns["mlp"]["CartPoleNoVel-v1"] == "500.00 +- 0.00 (n=3)"
-    assert returns["gru (leak)"]["CartPoleNoVel-v1"] == "100.00 +- 0.00 (n=1), 2 not complete"
+    assert returns["gru (leak)"]["CartPoleNoVel-v1"] == "100.00 +- n/a (n=1), 2 not complete"
     # The reference scores 1 and the random policy 0; the leaky row has one complete run on CartPole, so one
     # run per environment; on Pong it scores 0, on CartPole (100 - 22.2) / (500 - 22.2).
     aggregate = {row["arch"]: row for row in read_csv(out / "aggregate.csv")}
@@ -367,3 +369,20 @@ def test_report_reach_gives_each_seeds_first_step_to_a_target(tmp_path):
     assert "## Steps to a target return" in (tmp_path / "out" / "report.md").read_text()
     bad = report("runs", "--reach", "0.9", cwd=tmp_path)
     assert bad.returncode == 2 and "--reach wants ENV=RETURN" in bad.stderr
+
+
+def test_report_counts_the_largest_budget_and_the_newest_start_of_a_cell(tmp_path):
+    """A finished quick pass does not stand in for a full-budget run that failed, and of two runs of one budget the
+    one that started later counts, whatever the folders' modification times say (a copy resets them)."""
+    runs = tmp_path / "runs"
+    fake_run(runs, "mlp", "CartPoleNoVel-v1", 1, 400.0, total_timesteps=10, started=3000)  # a quick pass
+    fake_run(runs, "mlp", "CartPoleNoVel-v1", 1, 300.0, status="failed", reason="out of memory", started=2000)
+    older = fake_run(runs, "mlp", "CartPoleNoVel-v1", 2, 100.0, started=2000)
+    fake_run(runs, "mlp", "CartPoleNoVel-v1", 2, 200.0, started=2500)
+    os.utime(older, (5000, 5000))  # the older run's folder looks newer
+    result = report("runs", "--out", "out", "--bootstrap-reps", "200", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    problems = [(row["seed"], row["status"], row["reason"]) for row in read_csv(tmp_path / "out/problems.csv")]
+    assert problems == [("1", "failed", "out of memory")]
+    returns = read_csv(tmp_path / "out/returns.csv")[0]
+    assert returns["CartPoleNoVel-v1"] == "200.00 +- n/a (n=1), 1 not complete"

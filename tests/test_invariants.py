@@ -46,8 +46,11 @@ def test_reset_at_a_start_forgets_everything_before(module, domain, start, devic
     agent, obs, starts, actions = rollout_batch(module, domain, device)
     starts[start] = 1
     fresh, _ = outputs(agent, obs[start:], agent.initial_state(ENVS, device), starts[start:], actions[start:])
-    for prefix_state in (agent.initial_state(ENVS, device), warm_state(agent, obs, starts, actions)):
-        other_prefix = obs[:start].flip(0)  # a different history before the start
+    # From zeros the sequence starts an episode at step 0; from a warm state it carries that state through the
+    # prefix: the start must forget the state and the prefix alike
+    warm, other_prefix = warm_state(agent, obs, starts, actions), obs[:start].flip(0)  # another history before
+    for prefix_state, first_step_starts in ((agent.initial_state(ENVS, device), 1), (warm, 0)):
+        starts[0] = first_step_starts
         whole, _ = outputs(agent, torch.cat([other_prefix, obs[start:]]), prefix_state, starts, actions)
         torch.testing.assert_close(whole[:, start:], fresh, atol=ATOL, rtol=0)
 

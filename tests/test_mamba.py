@@ -447,16 +447,6 @@ def test_mamba1_offers_no_backend_it_cannot_run(tmp_path):
     assert result.stderr.strip().endswith("--mamba-backend must be one of auto, torch, got 'cuda'")
 
 
-@pytest.mark.parametrize("script", [MAMBA, MAMBA2], ids=lambda path: path.stem)
-def test_auto_without_a_compiler_falls_back_to_the_torch_path_and_says_why(script, no_cpp_compiler, capsys):
-    module = load(script)
-    args = module.parse_args(DOMAINS["classic"])
-    trunk = module.Trunk(args.hidden_size, args)
-    assert trunk.kernel.startswith(BACKENDS[script][2]) and trunk.kernel.endswith(no_cpp_compiler)
-    assert trunk.cpu_kernels is None
-    assert capsys.readouterr().err.strip() == f"--mamba-backend auto: {no_cpp_compiler}; using the torch path"
-
-
 def test_a_state_too_large_for_the_cpu_scan_takes_the_torch_scan_and_says_why(capsys):
     module = load(MAMBA)
     state_size = module.CPU_SCAN_MAX_STATE + 1
@@ -483,7 +473,7 @@ def test_tf32_off_restores_the_global_flags():
 def test_mamba_ssm_kernel_equals_the_torch_path(without_tf32):
     """mamba-ssm's mamba_chunk_scan_combined (seq_idx, initial_states) against the torch SSD, same weights and
     inputs, starts inside the sequence. The kernel computes in TF32 whatever torch's flags say: outputs differ from
-    float64 by about 2.3e-3 relative, so the tolerance is 1e-2."""
+    float64 by about 2.3e-3 relative, so the tolerance is 1e-2 of each tensor's largest entry."""
     module = load(MAMBA2)
     kernel, why = module.mamba_ssm_kernel()
     if kernel is None:
@@ -501,14 +491,14 @@ def test_mamba_ssm_kernel_equals_the_torch_path(without_tf32):
         trunk.cuda_kernel = kernel if use_kernel else None
         y, after = trunk(x, state, starts)
         (y.square().mean() + after[1].square().mean()).backward()
-        outputs.append((y.detach(), after[1].detach()))
+        outputs.append((y.detach(), *(part.detach() for part in after)))
         gradients.append([p.grad.clone() for p in trunk.parameters()] + [x.grad.clone()])
         trunk.zero_grad()
         x.grad = None
-    for kernel_out, torch_out in zip(*outputs, strict=True):
-        torch.testing.assert_close(kernel_out, torch_out, rtol=1e-2, atol=1e-3)
-    for kernel_grad, torch_grad in zip(*gradients, strict=True):
-        torch.testing.assert_close(kernel_grad, torch_grad, rtol=1e-2, atol=1e-3)
+    # Each tensor against its own scale: gradients of 1e-8 (the post-MLP's) must not pass by an absolute 1e-3
+    for kernel_result, torch_result in zip([*outputs[0], *gradients[0]], [*outputs[1], *gradients[1]], strict=True):
+        scale = torch_result.abs().max().item()
+        torch.testing.assert_close(kernel_result, torch_result, rtol=1e-2, atol=1e-2 * scale)
 
 
 def test_a_memory_first_start_carries_an_input_further():

@@ -202,13 +202,3 @@ def test_the_c_plus_plus_loops_agree_with_nn_rnn_in_float32_at_the_memory_row_si
         results[backend] += list(final_state) if isinstance(final_state, tuple) else [final_state]
     for nn_rnn, loops in zip(*results.values(), strict=True):
         assert_agree_to_float32_rounding(loops, nn_rnn)
-
-
-@pytest.mark.parametrize("script", list(RECURRENT))
-def test_auto_without_a_compiler_runs_nn_rnn_and_says_why(script, no_cpp_compiler, capsys):
-    module, (flag, rnn) = load(ROOT / script), RECURRENT[script]
-    args = module.parse_args(DOMAINS["classic"])
-    trunk = module.Trunk(args.hidden_size, args)
-    assert trunk.cpu_kernels is None and trunk.kernel.startswith(f"{rnn} split at starts (CPU)")
-    assert trunk.kernel.endswith(f"; auto backend: {no_cpp_compiler}")
-    assert capsys.readouterr().err.strip() == f"{flag} auto: {no_cpp_compiler}; using {rnn}"
