@@ -8,7 +8,9 @@ What differs (trunks, sizes, defaults, a tiny run per domain) is tested for ever
 import contextlib
 import importlib.util
 import io
+import os
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +176,21 @@ def rollout_batch(module, domain: str, device: torch.device, seed: int = 0, argv
     return agent.to(device), *(tensor.to(device) for tensor in batch)
 
 
+def assert_one_step_calls_equal_one_call(agent, obs, starts, actions, atol=1e-5):
+    """The rollout's view (T calls of one step, each from the state the last returned) equals training's (one
+    call over T steps): outputs and the final state."""
+    num_steps, num_envs = starts.shape
+    whole, whole_state = outputs(agent, obs, agent.initial_state(num_envs, obs.device), starts, actions)
+    state, steps = agent.initial_state(num_envs, obs.device), []
+    for t in range(num_steps):
+        step, state = outputs(agent, obs[t : t + 1], state, starts[t : t + 1], actions[t : t + 1])
+        steps.append(step)
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=atol, rtol=0)
+    leaves = [torch.utils._pytree.tree_leaves(s) for s in (state, whole_state)]  # [None] for the MLP's
+    for part, whole_part in zip(*leaves, strict=True):
+        torch.testing.assert_close(part, whole_part, atol=atol, rtol=0)
+
+
 def outputs(agent, obs, state, starts, actions):
     """Log-probabilities, entropies and values stacked [3, T, B], and the state after the call."""
     with torch.no_grad():
@@ -189,3 +206,27 @@ def saved_and_loaded(module, monkeypatch, agent, before_loading=lambda: None):
     buffer.seek(0)
     before_loading()
     return torch.load(buffer, weights_only=False)
+
+
+def interrupted_run(argv: list[str], cwd: Path, signum=signal.SIGTERM, process_group=False):
+    """Runs ppo_mlp.py with argv, sends it `signum` after its first progress line (which comes after the first
+    full update) and waits; with `process_group` the signal goes to every process of its own group, as Ctrl-C
+    in a shell or SLURM's SIGTERM would. Returns the process, its stderr and its run directory."""
+    process = subprocess.Popen(
+        [sys.executable, str(TEMPLATE), *argv],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=process_group,
+    )
+    for line in process.stdout:
+        if line.startswith("step"):
+            break
+    if process_group:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    (run_dir,) = (Path(cwd) / "runs").iterdir()
+    return process, stderr, run_dir

@@ -13,6 +13,7 @@ from conftest import (
     ROOT,
     STEPS,
     assert_agree_to_float32_rounding,
+    assert_one_step_calls_equal_one_call,
     built_cpu_kernels,
     load,
     outputs,
@@ -41,15 +42,7 @@ def windowed_batch(module, device, memory_length, backend="auto"):
 def test_one_step_calls_equal_one_call_when_the_window_is_shorter_than_the_sequence(
     script, memory_length, backend, device
 ):
-    agent, obs, starts, actions = windowed_batch(attention_module(script), device, memory_length, backend)
-    whole, whole_state = outputs(agent, obs, agent.initial_state(ENVS, device), starts, actions)
-    state, steps = agent.initial_state(ENVS, device), []
-    for t in range(STEPS):
-        step, state = outputs(agent, obs[t : t + 1], state, starts[t : t + 1], actions[t : t + 1])
-        steps.append(step)
-    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=1e-5, rtol=0)
-    for a, b in zip(state, whole_state, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert_one_step_calls_equal_one_call(*windowed_batch(attention_module(script), device, memory_length, backend))
 
 
 @pytest.mark.parametrize("backend", ["auto", "torch"])

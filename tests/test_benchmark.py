@@ -5,14 +5,13 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SCRIPTS, TINY
+from conftest import ROOT, SCRIPTS, TINY, interrupted_run
 
 BENCHMARK = ROOT / "benchmark.sh"
 REPORT = ROOT / "report.py"
@@ -223,14 +222,7 @@ def test_a_cell_that_failed_before_starts_again(tmp_path):
 
 def test_an_interrupted_cell_resumes_in_its_own_directory(tmp_path):
     argv = ["--env-id", "CartPoleNoVel-v1", "--seed", "1", "--total-timesteps", "20000", *TINY_FLAGS]
-    process = subprocess.Popen([sys.executable, str(ROOT / "ppo_mlp.py"), *argv], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    for line in process.stdout:  # the first progress line comes after the first full update
-        if line.startswith("step"):
-            break
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=120)
-    (run_dir,) = (tmp_path / "runs").iterdir()
+    _, _, run_dir = interrupted_run(argv, tmp_path)
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 
     grid = ["--archs", "mlp", "--envs", "CartPoleNoVel-v1=20000", "--seeds", "1", "--", *TINY_FLAGS]

@@ -8,7 +8,7 @@
 
 import pytest
 import torch
-from conftest import DOMAINS, ENVS, STEPS, load, outputs, rollout_batch
+from conftest import DOMAINS, ENVS, STEPS, assert_one_step_calls_equal_one_call, load, outputs, rollout_batch
 
 ATOL = 1e-5
 
@@ -57,14 +57,7 @@ def test_reset_at_a_start_forgets_everything_before(module, domain, start, devic
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_one_step_calls_equal_one_sequence_call(module, domain, device):
-    agent, obs, starts, actions = rollout_batch(module, domain, device)
-    whole, whole_state = outputs(agent, obs, agent.initial_state(ENVS, device), starts, actions)
-    state, steps = agent.initial_state(ENVS, device), []
-    for t in range(STEPS):
-        step, state = outputs(agent, obs[t : t + 1], state, starts[t : t + 1], actions[t : t + 1])
-        steps.append(step)
-    torch.testing.assert_close(torch.cat(steps, dim=1), whole, atol=ATOL, rtol=0)
-    assert_states_close(state, whole_state)
+    assert_one_step_calls_equal_one_call(*rollout_batch(module, domain, device), atol=ATOL)
 
 
 def test_no_state_reset_carries_memory_across_starts(script, device):

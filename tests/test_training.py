@@ -5,13 +5,11 @@ import csv
 import json
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOMAINS, SCRIPTS, TEMPLATE, TINY, load, run_script
+from conftest import DOMAINS, SCRIPTS, TEMPLATE, TINY, interrupted_run, load, run_script
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 # What a run's speed and machine change from one run to the next; the rest of summary.json is reproducible.
@@ -322,16 +320,8 @@ def test_sigterm_checkpoints_and_resume_reaches_the_same_total(tmp_path):
     script = TEMPLATE
     argv = ["--env-id", "CartPoleNoVel-v1", "--num-envs", "4", "--num-steps", "32", "--num-minibatches", "2"]
     argv += ["--update-epochs", "1", "--total-timesteps", "20000", "--checkpoint-interval", "100000"]
-    process = subprocess.Popen(
-        [sys.executable, str(script), *argv], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    for line in process.stdout:  # the first progress line comes after the first full update
-        if line.startswith("step"):
-            break
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
+    process, stderr, run_dir = interrupted_run(argv, tmp_path)
     assert process.returncode == 128 + signal.SIGTERM, stderr
-    (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and "SIGTERM" in summary["reason"]
     assert 0 < summary["global_step"] < 20000 and summary["global_step"] % 128 == 0
@@ -355,21 +345,8 @@ def test_a_signal_to_every_process_still_checkpoints_with_async_envs(signum, tmp
     ignore both, and the main process checkpoints, closes them and leaves none behind."""
     argv = ["--env-id", "CartPoleNoVel-v1", "--num-envs", "2", "--num-steps", "32", "--num-minibatches", "2"]
     argv += ["--update-epochs", "1", "--total-timesteps", "200000", "--async-envs"]
-    process = subprocess.Popen(
-        [sys.executable, str(TEMPLATE), *argv],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a shell gives a foreground job
-    )
-    for line in process.stdout:
-        if line.startswith("step"):
-            break
-    os.killpg(process.pid, signum)
-    _, stderr = process.communicate(timeout=120)
+    process, stderr, run_dir = interrupted_run(argv, tmp_path, signum, process_group=True)
     assert process.returncode == 128 + signum, stderr
-    (run_dir,) = (tmp_path / "runs").iterdir()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and signal.Signals(signum).name in summary["reason"]
     with pytest.raises(ProcessLookupError):  # the group is empty: no worker outlived the run
