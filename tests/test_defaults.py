@@ -85,10 +85,11 @@ def test_the_template_table_has_every_domain_and_ppo_setting():
 
 def table_lines(script) -> dict[tuple[str, str], str]:
     """(row, setting) -> the source line of that setting in the script's DOMAIN_DEFAULTS, with the comment
-    lines just above the row (a row's reason may be said once, above it)."""
+    lines just above the row (a row's reason may be said once, above it) and those just above the setting
+    inside the row (which belong to that setting alone, not to the next row)."""
     text = script.read_text()
     table = text[text.index("DOMAIN_DEFAULTS = {") : text.index("\n}\n", text.index("DOMAIN_DEFAULTS = {"))]
-    lines, row, above = {}, None, []
+    lines, row, row_comments, above = {}, None, [], []
     for line in table.splitlines()[1:]:
         if line.strip().startswith("#"):
             above.append(line)
@@ -96,11 +97,12 @@ def table_lines(script) -> dict[tuple[str, str], str]:
         header = re.match(r'    "([^"]+)": dict\((.*)', line)
         setting = re.match(r"        (\w+)=", line)
         if header:
-            row, row_comments, above = header.group(1), [*above, line], []
+            row, row_comments = header.group(1), [*above, line]
             for name in re.findall(r"(\w+)=", header.group(2)):  # a row written on one line
                 lines[row, name] = "\n".join(row_comments)
         elif setting:
-            lines[row, setting.group(1)] = "\n".join([*row_comments, line])
+            lines[row, setting.group(1)] = "\n".join([*row_comments, *above, line])
+        above = []  # a comment speaks for the line below it only
     return lines
 
 
