@@ -6,6 +6,7 @@ What differs (trunks, sizes, defaults, a tiny run per domain) is tested for ever
 """
 
 import contextlib
+import dataclasses
 import importlib.util
 import io
 import os
@@ -107,6 +108,21 @@ def assert_agree_to_float32_rounding(got, expected, name=None):
     """Equal to 1e-4 relative or 1e-5 of the largest entry: the C++ loops and the torch path add in other orders."""
     scale = expected.abs().max().item()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def trunk_on(module, argv: list[str], backend: str, dtype=torch.float64, std=None, mean=0.0):
+    """The script's trunk with `--*-backend backend` (`auto`: its C++ loops on a CPU, which must build wherever the
+    tests run; `torch`: its torch path), built from seed 0, so with the same weights on either path; with `std`
+    they are drawn again from N(mean, std), away from the initialisation's zero biases."""
+    (field,) = [field.name for field in dataclasses.fields(module.Args) if field.name.endswith("_backend")]
+    args = module.parse_args([*argv, f"--{field.replace('_', '-')}", backend])
+    torch.manual_seed(0)
+    trunk = module.Trunk(args.hidden_size, args).to(dtype)
+    if std is not None:
+        for param in trunk.parameters():
+            torch.nn.init.normal_(param, mean=mean, std=std)
+    assert (trunk.cpu_kernels is not None) == (backend == "auto"), trunk.kernel  # CI's CPU has a compiler
+    return trunk
 
 
 def built_cpu_kernels(module):

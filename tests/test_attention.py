@@ -18,6 +18,7 @@ from conftest import (
     load,
     outputs,
     rollout_batch,
+    trunk_on,
 )
 
 # Windows shorter than the sequence, so the M-step limit is exercised: 12 steps are 4 blocks of 3 queries, or
@@ -144,11 +145,7 @@ CPU_KERNEL, TORCH_KERNEL = "C++ sliding-window attention", "block-local attentio
 
 def trunks_by_backend(script, argv: list[str], dtype: torch.dtype) -> dict:
     """The script's trunk with the C++ loops (auto) and with the torch path, the same weights."""
-    module, trunks = load(script), {}
-    for backend in ("auto", "torch"):
-        args = module.parse_args([*argv, "--attention-backend", backend])
-        torch.manual_seed(0)
-        trunks[backend] = module.Trunk(args.hidden_size, args).to(dtype)
+    trunks = {backend: trunk_on(load(script), argv, backend, dtype) for backend in ("auto", "torch")}
     assert trunks["auto"].kernel.startswith(CPU_KERNEL) and trunks["torch"].kernel.startswith(TORCH_KERNEL)
     return trunks
 

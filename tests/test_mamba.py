@@ -21,6 +21,7 @@ from conftest import (
     run_script,
     saved_and_loaded,
     tf32_off,
+    trunk_on,
 )
 
 MAMBA, MAMBA2 = ROOT / "ppo_mamba.py", ROOT / "ppo_mamba2.py"
@@ -181,17 +182,12 @@ BACKENDS = {
 def test_trunk_with_the_cpu_loops_equals_the_trunk_with_the_torch_path(script):
     """`auto` (the C++ loops on a CPU) and `torch`, the same weights, in float64: the same outputs, state and
     weight gradients, in training (starts inside) and in the rollout (one step). (Float32 rounding: below.)"""
-    module = load(script)
-    flag, cpu_kernel, torch_kernel = BACKENDS[script]
-    trunks, results = {}, {}
-    for backend in ("auto", "torch"):
-        args = module.parse_args([*DOMAINS["minigrid-symbolic"], flag, backend])
-        torch.manual_seed(0)
-        trunks[backend] = module.Trunk(args.hidden_size, args).double()
+    module, (_, cpu_kernel, torch_kernel), results = load(script), BACKENDS[script], {}
+    trunks = {backend: trunk_on(module, DOMAINS["minigrid-symbolic"], backend) for backend in ("auto", "torch")}
     assert trunks["auto"].kernel.startswith(cpu_kernel)
     assert trunks["torch"].kernel.startswith(torch_kernel)
     torch.manual_seed(1)
-    x = torch.randn(64, ENVS, args.hidden_size, dtype=torch.float64)
+    x = torch.randn(64, ENVS, trunks["auto"].output_size, dtype=torch.float64)
     starts = torch.zeros(64, ENVS, dtype=torch.float64)
     starts[[0, 10, 11, 63], [0, 1, 1, 2]] = 1
     initial = [part.double().normal_() for part in trunks["auto"].initial_state(ENVS, torch.device("cpu"))]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOMAINS, ROOT, assert_agree_to_float32_rounding, load
+from conftest import DOMAINS, ROOT, assert_agree_to_float32_rounding, load, trunk_on
 
 STEPS, ENVS = 128, 4
 RECURRENT = {"ppo_lstm.py": ("--lstm-backend", "nn.LSTM"), "ppo_gru.py": ("--gru-backend", "nn.GRU")}  # flag, rnn
@@ -73,13 +73,7 @@ def test_pieces_equal_a_per_step_loop_with_gradients(module, device):
 def gru_trunk(backend: str, hidden_size: int, std: float):
     """ppo_gru.py's trunk in float64 with random weights, running nn.GRU (torch) or the C++ loops (auto)."""
     module = load(ROOT / "ppo_gru.py")
-    args = module.parse_args(DOMAINS["classic"] + ["--hidden-size", str(hidden_size), "--gru-backend", backend])
-    torch.manual_seed(0)
-    trunk = module.Trunk(args.hidden_size, args).double()
-    for param in trunk.parameters():  # away from the zero biases of the initialisation
-        torch.nn.init.normal_(param, std=std)
-    assert (trunk.cpu_kernels is not None) == (backend == "auto"), trunk.kernel  # CI's CPU has a compiler
-    return module, trunk
+    return module, trunk_on(module, [*DOMAINS["classic"], "--hidden-size", str(hidden_size)], backend, std=std)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -133,16 +127,12 @@ def test_the_lstm_c_plus_plus_loops_equal_autograd_through_nn_lstm():
     outputs, the final (h, c), and the gradients of the input, the initial h and c and all four parameters,
     with episode starts inside the sequence; and the rollout's one step."""
     module = load(ROOT / "ppo_lstm.py")
-    trunks = {}
-    for backend in ("auto", "torch"):
-        args = module.parse_args(DOMAINS["classic"] + ["--lstm-backend", backend])
-        torch.manual_seed(0)
-        trunks[backend] = module.Trunk(args.hidden_size, args).double()
-        for param in trunks[backend].parameters():  # away from the zero biases of the initialisation
-            torch.nn.init.normal_(param, mean=0.1, std=0.3)
+    trunks = {
+        backend: trunk_on(module, DOMAINS["classic"], backend, std=0.3, mean=0.1) for backend in ("auto", "torch")
+    }
     assert trunks["auto"].kernel.startswith("C++ LSTM loops") and trunks["torch"].kernel.startswith("nn.LSTM")
     generator = torch.Generator().manual_seed(1)
-    hidden = args.hidden_size
+    hidden = trunks["auto"].output_size
     x = torch.randn(STEPS, ENVS, hidden, dtype=torch.float64, generator=generator, requires_grad=True)
     state = [torch.randn(ENVS, hidden, dtype=torch.float64, generator=generator, requires_grad=True) for _ in "hc"]
     starts = (torch.rand(STEPS, ENVS, generator=generator) < 0.05).double()
@@ -183,18 +173,14 @@ def test_the_c_plus_plus_loops_agree_with_nn_rnn_in_float32_at_the_memory_row_si
     """The loops vectorise their sums in float32: at MiniGrid-MemoryS11 symbolic's width, 128 steps of 2
     environments with starts, a trunk with them and one with nn.LSTM / nn.GRU (the same weights) agree to
     float32 rounding in the outputs, the final state and every gradient."""
-    module, (flag, _) = load(ROOT / script), RECURRENT[script]
-    results = {}
+    module, results = load(ROOT / script), {}
     for backend in ("torch", "auto"):
-        args = module.parse_args(DOMAINS["minigrid-symbolic"] + [flag, backend])
-        torch.manual_seed(0)
-        trunk = module.Trunk(args.hidden_size, args)
-        for param in trunk.parameters():
-            torch.nn.init.normal_(param, std=0.1)
+        trunk = trunk_on(module, DOMAINS["minigrid-symbolic"], backend, torch.float32, std=0.1)
         generator = torch.Generator().manual_seed(1)
-        x = torch.randn(STEPS, 2, args.hidden_size, generator=generator, requires_grad=True)
+        x = torch.randn(STEPS, 2, trunk.output_size, generator=generator, requires_grad=True)
         state = trunk.initial_state(2, torch.device("cpu"))
-        state = tuple(part.normal_(generator=generator) for part in state) if isinstance(state, tuple) else state
+        for part in torch.utils._pytree.tree_leaves(state):  # a warm state
+            part.normal_(generator=generator)
         starts = (torch.rand(STEPS, 2, generator=generator) < 0.03).float()
         y, final_state = trunk(x, state, starts)
         weights = torch.randn(y.shape, generator=generator)
