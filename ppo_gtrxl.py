@@ -22,8 +22,8 @@ Run:
     python ppo_gtrxl.py --env-id CartPoleNoVel-v1 --no-state-reset   # the paper's leak, for ablation
     python ppo_gtrxl.py --help
 
-Its layers are narrower than a Transformer-XL's would be at the same parameter count: the gates cost 12 x
-size^2 parameters per layer, and section 3 keeps the count equal to the MLP's.
+Its default sizes are smaller than a Transformer-XL's at the same parameter count: each layer's two GRU-type
+gates cost 12 x size^2 parameters, and section 3 keeps the count equal to the MLP's.
 The file reads top to bottom in eight sections: 1. imports, 2. arguments (`Args`; every field is a `--help`
 line), 3. the domain-defaults table, 4. parsing and checking the command line, 5. environments, 6. the network
 (encoder, trunk, heads), 7. profiling helpers, 8. training (`main`). The code between `# >>> shared: <name>`
